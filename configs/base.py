@@ -1,0 +1,47 @@
+"""Defaults shared by every training config. Experiment files import `get_base()` and override.
+
+Sections: model (model/config.py ModelConfig fields), data (train/data.py), train (loop,
+optimizer, checkpoints), mesh (device mesh sizes and logical-axis rules), sample (launch/sample.py).
+"""
+import ml_collections
+
+from model import sharding
+
+
+def get_base() -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict()
+
+  cfg.model = ml_collections.ConfigDict(dict(
+      vocab_size=8192, d_model=256, num_layers=4, num_heads=4, num_kv_heads=1, head_dim=64,
+      mlp_dim=1024, activation='swiglu', block='serial', rope_base=10_000.0, tie_embeddings=True,
+      scale_embeddings=False, logit_softcap=0.0, norm_eps=1e-6, max_seq_len=2048, remat='none',
+      dtype='float32', param_dtype='float32'))
+
+  cfg.data = ml_collections.ConfigDict(dict(
+      source='stdlib',        # stdlib | text | jsonl | tfds
+      paths=[],               # files or globs for text/jsonl
+      text_key='text',
+      tfds_name='', tfds_split='train', tfds_data_dir='',
+      val_fraction=0.01, max_docs=0, seq_len=256, seed=0))
+  cfg.data.tokenizer = ml_collections.ConfigDict(dict(
+      model_type='bpe', path='', train_bytes=8_000_000))
+  # One source of truth: the tokenizer is trained to the model's vocabulary size.
+  cfg.data.tokenizer.vocab_size = cfg.model.get_ref('vocab_size')
+
+  cfg.train = ml_collections.ConfigDict(dict(
+      steps=1000, batch_size=16, grad_accum=1,
+      lr=3e-3, warmup_steps=100, lr_end_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.1, clip_norm=1.0, z_loss=1e-4,
+      log_every=10, eval_every=200, eval_batches=16,
+      checkpoint_every=200, keep_checkpoints=3, async_checkpoints=True,
+      nan_policy='stop',      # stop | skip
+      seed=0, peak_flops=0.0,  # 0 = measure the matmul peak at start (for MFU)
+      tensorboard=True))
+
+  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  cfg.mesh.rules = sharding.DEFAULT_RULES
+
+  cfg.sample = ml_collections.ConfigDict(dict(
+      prompt='def fibonacci(n):\n', max_new_tokens=128, num_samples=3, temperature=0.8, top_k=0, top_p=0.95,
+      seed=0))
+  return cfg

@@ -1,0 +1,57 @@
+"""Train from a config file, then print samples.
+
+  python -m launch.main --config=configs/tiny.py --workdir=/tmp/tiny \
+      [--config.train.steps=100 --config.model.num_layers=2 ...]
+
+Running the same command again resumes from the workdir's latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Training config file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, tokenizer.',
+                               required=True)
+_SAMPLE = flags.DEFINE_bool('sample', True, 'Print config.sample.num_samples samples after training.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for multi-host jax.distributed.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index in a multi-host run.')
+
+# Errors that are the user's to fix: print the message, not a traceback.
+from launch.errors import USER_ERRORS, fail  # noqa: E402
+
+
+def main(argv):
+  del argv
+  import jax
+  if _COORDINATOR.value or _NUM_PROCESSES.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from launch import sample as sample_lib
+  from train import trainer
+
+  cfg = _CONFIG.value
+  workdir = _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        f.write(cfg.to_json(indent=2))
+    result = trainer.train(cfg, workdir)
+    if _SAMPLE.value and cfg.sample.num_samples > 0 and jax.process_index() == 0:
+      print(f'\n--- {cfg.sample.num_samples} samples from step {result.step} '
+            f'(prompt {cfg.sample.prompt!r}) ---')
+      for text in sample_lib.sample_workdir(workdir, **sample_lib.sample_kwargs(cfg.sample)):
+        print(text)
+        print('-' * 40)
+  except USER_ERRORS as e:
+    fail(e)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,1 @@
+"""palmax model: a decoder-only transformer in the Gemini/PaLM family (Flax NNX)."""

@@ -1,0 +1,129 @@
+"""Building blocks: parameter helper, RMSNorm, embedder, RoPE and the (gated) MLP.
+
+Shapes: B batch, T length, D d_model, F mlp_dim, V vocab, N heads, H head_dim.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import sharding
+from model.config import ModelConfig
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[str], dtype) -> nnx.Param:
+  """A float parameter annotated with logical axis names (resolved later by model/sharding.py)."""
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names),
+                   eager_sharding=False)
+
+
+def fan_in_init(fan_in_axes: Sequence[int]):
+  """N(0, 1/fan_in): PaLM's 'fan-in variance scaling' for kernels (truncated normal)."""
+  return nnx.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal',
+                                           in_axis=tuple(fan_in_axes), out_axis=-1)
+
+
+def matmul(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+  """einsum in the compute dtype, accumulating in float32 (a bf16 x bf16 -> bf16 dot is slow on
+  XLA:CPU and loses precision), then cast back to the compute dtype."""
+  y = jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+  return y.astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+  """x * rsqrt(mean(x^2) + eps) * scale, computed in float32. [..., D] -> [..., D]."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.eps = cfg.norm_eps
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.scale = param(rngs, nnx.initializers.ones, (cfg.d_model,), ('embed',),
+                       jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(self.dtype)
+
+
+class Embedder(nnx.Module):
+  """Token embedding [V, D]; with tied embeddings it also projects back to logits.
+
+  Init N(0, 1/D), so unit-variance inputs need the sqrt(D) input scale (`scale_embeddings`,
+  Gemma) and tied output logits start at unit scale.
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pdt = jnp.dtype(cfg.param_dtype)
+    std = cfg.d_model ** -0.5
+    self.embedding = param(rngs, nnx.initializers.normal(std), (cfg.vocab_size, cfg.d_model),
+                           ('vocab', 'embed'), pdt)
+    if not cfg.tie_embeddings:
+      self.unembedding = param(rngs, fan_in_init([0]), (cfg.d_model, cfg.vocab_size),
+                               ('embed', 'vocab'), pdt)
+
+  def encode(self, tokens_BT: jax.Array) -> jax.Array:
+    dtype = jnp.dtype(self.cfg.dtype)
+    x_BTD = jnp.take(self.embedding[...], tokens_BT, axis=0).astype(dtype)
+    if self.cfg.scale_embeddings:
+      x_BTD = x_BTD * jnp.asarray(self.cfg.d_model ** 0.5, dtype)
+    return sharding.constrain(x_BTD, ('batch', 'length', 'act_embed'))
+
+  def decode(self, x_BTD: jax.Array) -> jax.Array:
+    """[B, T, D] -> float32 logits [B, T, V]."""
+    dtype = jnp.dtype(self.cfg.dtype)
+    if self.cfg.tie_embeddings:
+      logits_BTV = matmul('btd,vd->btv', x_BTD, self.embedding[...], dtype)
+    else:
+      logits_BTV = matmul('btd,dv->btv', x_BTD, self.unembedding[...], dtype)
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    if self.cfg.logit_softcap:
+      cap = self.cfg.logit_softcap
+      logits_BTV = cap * jnp.tanh(logits_BTV / cap)
+    return sharding.constrain(logits_BTV, ('batch', 'length', 'act_vocab'))
+
+
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021), half-split layout, computed in float32.
+
+  Channel pair (i, i + H/2) is rotated by angle position * base^(-2i/H), so q.k depends only on
+  the relative position of query and key.
+  """
+  h = x_BTNH.shape[-1]
+  inv_freq_K = base ** (-jnp.arange(0, h // 2, dtype=jnp.float32) * 2.0 / h)
+  angle_BTK = positions_BT[..., None].astype(jnp.float32) * inv_freq_K
+  sin, cos = jnp.sin(angle_BTK)[:, :, None, :], jnp.cos(angle_BTK)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+_ACTIVATION_FNS = {
+    'swiglu': jax.nn.silu,
+    'geglu': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu': lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+class MLP(nnx.Module):
+  """Gated (SwiGLU/GeGLU: act(x W_gate) * (x W_up)) or plain GELU FFN. [B,T,D] -> [B,T,D]."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pdt = jnp.dtype(cfg.param_dtype)
+    shape_in = (cfg.d_model, cfg.mlp_dim)
+    self.w_gate = param(rngs, fan_in_init([0]), shape_in, ('embed', 'mlp'), pdt)
+    if cfg.gated:
+      self.w_up = param(rngs, fan_in_init([0]), shape_in, ('embed', 'mlp'), pdt)
+    self.w_down = param(rngs, fan_in_init([0]), (cfg.mlp_dim, cfg.d_model), ('mlp', 'embed'), pdt)
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    dtype = jnp.dtype(self.cfg.dtype)
+    h_BTF = _ACTIVATION_FNS[self.cfg.activation](matmul('btd,df->btf', x_BTD, self.w_gate[...], dtype))
+    if self.cfg.gated:
+      h_BTF = h_BTF * matmul('btd,df->btf', x_BTD, self.w_up[...], dtype)
+    h_BTF = sharding.constrain(h_BTF, ('batch', 'length', 'act_mlp'))
+    return matmul('btf,fd->btd', h_BTF, self.w_down[...], dtype)

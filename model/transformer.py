@@ -1,0 +1,104 @@
+"""The decoder: embed -> scanned stack of blocks -> final RMSNorm -> logits.
+
+Layers are created stacked (leading `layers` axis) and applied with `nnx.scan`, so compile time
+does not grow with depth. Shapes: B batch, T length, D d_model, V vocab, L layers, S cache size.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import sharding
+from model.attention import Attention
+from model.config import ModelConfig
+from model.layers import MLP, Embedder, RMSNorm
+
+_REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Block(nnx.Module):
+  """Serial pre-norm: x + attn(n1(x)), then + mlp(n2(.)).
+  Parallel (PaLM §2): x + attn(n(x)) + mlp(n(x)) with one shared norm."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.parallel = cfg.block == 'parallel'
+    self.attn_norm = RMSNorm(cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    if not self.parallel:
+      self.mlp_norm = RMSNorm(cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_BTD, positions_BT, cache=None, index=0):
+    h_BTD = self.attn_norm(x_BTD)
+    a_BTD, cache = self.attn(h_BTD, positions_BT, cache, index)
+    if self.parallel:
+      x_BTD = x_BTD + a_BTD + self.mlp(h_BTD)
+    else:
+      x_BTD = x_BTD + a_BTD
+      x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+    return sharding.constrain(x_BTD, ('batch', 'length', 'act_embed')), cache
+
+
+class Decoder(nnx.Module):
+  """tokens_BT -> logits_BTV (float32). See `__call__` for the KV-cache mode."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embedder = Embedder(cfg, rngs)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make_blocks(rngs):
+      return Block(cfg, rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = RMSNorm(cfg, rngs)
+
+  def __call__(self, tokens_BT: jax.Array, cache: dict | None = None,
+               index: jax.Array | int = 0):
+    """Full forward (cache=None), or prefill/decode with a KV cache from `init_cache`.
+
+    With a cache, `tokens_BT` sit at positions index..index+T-1 of every row; their K/V are
+    written there and the updated cache is returned. Returns (logits_BTV, cache).
+    """
+    b, t = tokens_BT.shape
+    positions_BT = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    x_BTD = self.embedder.encode(tokens_BT)
+
+    def body(x_BTD, block, layer_cache):
+      return block(x_BTD, positions_BT, layer_cache, index)
+
+    if self.cfg.remat != 'none':
+      body = nnx.remat(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+    # A None cache has no leaves, so axis 0 is harmless in the training forward.
+    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+    x_BTD, cache = scan(x_BTD, self.blocks, cache)
+    return self.embedder.decode(self.final_norm(x_BTD)), cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, size: int) -> dict:
+  """Zeroed KV cache for all layers: {'k','v'}: [L, B, S, K, H] in the compute dtype."""
+  if size > cfg.max_seq_len:
+    raise ValueError(f'KV cache size {size} exceeds config.model.max_seq_len={cfg.max_seq_len}')
+  shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+  dtype = jnp.dtype(cfg.dtype)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> Decoder:
+  """A freshly initialised Decoder (eager, unsharded: for tests, sampling and small runs)."""
+  return Decoder(cfg, nnx.Rngs(params=seed))
+
+
+def abstract(cfg: ModelConfig) -> Decoder:
+  """The Decoder's structure with ShapeDtypeStructs instead of arrays: no memory, any size."""
+  return nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0)))
+
+
+def count_params(model: nnx.Module) -> int:
+  state = nnx.state(model, nnx.Param)
+  return sum(int(x.size) for x in jax.tree.leaves(state))

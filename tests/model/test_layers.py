@@ -1,0 +1,55 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model import layers
+from tests.conftest import tiny_model_config
+
+
+def test_rmsnorm_unit_rms():
+  cfg = tiny_model_config()
+  norm = layers.RMSNorm(cfg, nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 5, cfg.d_model)) * 7.0 + 3.0
+  y = norm(x)
+  np.testing.assert_allclose(jnp.sqrt(jnp.mean(y * y, -1)), 1.0, rtol=1e-4)
+
+
+def test_rope_depends_only_on_relative_position():
+  h = 16
+  q = jax.random.normal(jax.random.key(1), (1, 1, 1, h))
+  k = jax.random.normal(jax.random.key(2), (1, 1, 1, h))
+
+  def score(pq, pk):
+    rq = layers.rope(q, jnp.array([[pq]]), 10_000.0)
+    rk = layers.rope(k, jnp.array([[pk]]), 10_000.0)
+    return float(jnp.sum(rq * rk))
+
+  base = score(7, 3)
+  for shift in (1, 10, 123):
+    np.testing.assert_allclose(score(7 + shift, 3 + shift), base, rtol=1e-4, atol=1e-5)
+  assert abs(score(7, 3) - score(7, 5)) > 1e-3  # ... and it does depend on it.
+
+
+def test_rope_preserves_norm_and_is_identity_at_zero():
+  x = jax.random.normal(jax.random.key(3), (2, 4, 3, 8))
+  pos = jnp.broadcast_to(jnp.arange(4), (2, 4))
+  y = layers.rope(x, pos, 500.0)
+  np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(y[:, 0], x[:, 0], rtol=1e-6)
+
+
+def test_mlp_variants_shapes_and_param_counts():
+  for act, n_mats in (('swiglu', 3), ('geglu', 3), ('gelu', 2)):
+    cfg = tiny_model_config(activation=act)
+    mlp = layers.MLP(cfg, nnx.Rngs(0))
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(mlp)))
+    assert n == n_mats * cfg.d_model * cfg.mlp_dim
+    assert mlp(jnp.ones((2, 3, cfg.d_model))).shape == (2, 3, cfg.d_model)
+
+
+def test_logit_softcap_bounds_logits():
+  cfg = tiny_model_config(logit_softcap=2.0)
+  emb = layers.Embedder(cfg, nnx.Rngs(0))
+  logits = emb.decode(100.0 * jax.random.normal(jax.random.key(0), (1, 3, cfg.d_model)))
+  assert float(jnp.max(jnp.abs(logits))) <= 2.0

@@ -1,0 +1,80 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model import transformer
+from tests.conftest import jit_apply, random_tokens, tiny_model_config
+
+VARIANTS = {
+    'serial_gqa_swiglu': {},
+    'parallel_mqa_palm': dict(block='parallel', num_kv_heads=1),
+    'mha_geglu_gemma': dict(num_kv_heads=4, activation='geglu', scale_embeddings=True,
+                            logit_softcap=30.0),
+    'untied_gelu': dict(tie_embeddings=False, activation='gelu'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(VARIANTS))
+def test_shapes_param_count_and_cached_decoding(name):
+  cfg = tiny_model_config(**VARIANTS[name])
+  model = transformer.build(cfg)
+  assert transformer.count_params(model) == cfg.param_count()
+  f = jit_apply(model)
+  tokens = random_tokens(0, (2, 11), cfg.vocab_size)
+  full, cache = f(tokens)
+  assert full.shape == (2, 11, cfg.vocab_size) and full.dtype == jnp.float32
+  assert cache is None
+  # Prefill 5 tokens, then decode the remaining 6 one at a time.
+  cache = transformer.init_cache(cfg, 2, 16)
+  logits, cache = f(tokens[:, :5], cache, 0)
+  steps = [logits]
+  for i in range(5, 11):
+    logits, cache = f(tokens[:, i:i + 1], cache, i)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_remat_policies_give_identical_loss_and_grads():
+  outs = []
+  for remat in ('none', 'full', 'dots'):
+    cfg = tiny_model_config(remat=remat)
+    graphdef, params = nnx.split(transformer.build(cfg))
+    tokens = random_tokens(0, (2, 8), cfg.vocab_size)
+
+    def loss(p):
+      return jnp.mean(nnx.merge(graphdef, p)(tokens)[0] ** 2)
+
+    outs.append(jax.jit(jax.value_and_grad(loss))(params))
+  for other in outs[1:]:
+    np.testing.assert_allclose(other[0], outs[0][0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(other[1]), jax.tree.leaves(outs[0][1])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
+  cfg32 = tiny_model_config()
+  cfg16 = tiny_model_config(dtype='bfloat16')
+  m16 = transformer.build(cfg16)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(m16)))
+  tokens = random_tokens(0, (2, 8), cfg32.vocab_size)
+  l32 = jit_apply(transformer.build(cfg32))(tokens)[0]
+  l16 = jit_apply(m16)(tokens)[0]
+  assert l16.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(l16 - l32))) < 0.1
+
+
+def test_layers_are_stacked_for_scan():
+  cfg = tiny_model_config(num_layers=3)
+  state = nnx.state(transformer.build(cfg)).to_pure_dict()
+  assert state['blocks']['attn']['w_q'].shape == (3, cfg.d_model, cfg.num_heads, cfg.head_dim)
+  specs = nnx.get_partition_spec(nnx.state(transformer.abstract(cfg))).to_pure_dict()
+  assert tuple(specs['blocks']['attn']['w_q']) == ('layers', 'embed', 'heads', 'head_dim')
+  assert tuple(specs['embedder']['embedding']) == ('vocab', 'embed')
+
+
+def test_cache_larger_than_context_is_refused():
+  cfg = tiny_model_config(max_seq_len=16)
+  with pytest.raises(ValueError, match='max_seq_len'):
+    transformer.init_cache(cfg, 1, 17)
