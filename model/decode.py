@@ -39,13 +39,15 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float, top_
 def generate(graphdef, params, prompt_BP: jax.Array, key: jax.Array, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: int = -1) -> jax.Array:
-  """Continues each prompt row; returns new tokens [B, max_new_tokens]. After a row emits
+  """Continues each prompt row; returns new tokens [B, max_new_tokens]. `params` is the pure
+  dict of `nnx.split(model)[1].to_pure_dict()` (what checkpoints hold). After a row emits
   `eos_id` it only emits `eos_id` (callers cut there)."""
-  model: transformer.Decoder = nnx.merge(graphdef, params)
-  cfg: ModelConfig = model.cfg
+  # Merge afresh at each use: an NNX module must not cross into the scan's trace.
+  apply = lambda tokens, cache, index: nnx.merge(graphdef, params)(tokens, cache, index)
+  cfg: ModelConfig = nnx.merge(graphdef, params).cfg
   b, p = prompt_BP.shape
   cache = transformer.init_cache(cfg, b, p + max_new_tokens)
-  logits_BPV, cache = model(prompt_BP, cache, 0)
+  logits_BPV, cache = apply(prompt_BP, cache, 0)
 
   def body(carry, i):
     last_BV, cache, key, done_B = carry
@@ -53,7 +55,7 @@ def generate(graphdef, params, prompt_BP: jax.Array, key: jax.Array, *, max_new_
     tok_B = sample_logits(last_BV, sub, temperature, top_k, top_p)
     tok_B = jnp.where(done_B, eos_id, tok_B)
     done_B = done_B | (tok_B == eos_id)
-    logits_B1V, cache = model(tok_B[:, None], cache, p + i)
+    logits_B1V, cache = apply(tok_B[:, None], cache, p + i)
     return (logits_B1V[:, 0], cache, key, done_B), tok_B
 
   init = (logits_BPV[:, -1], cache, key, jnp.zeros((b,), bool))

@@ -294,7 +294,7 @@ def _read_source(data_cfg: Any) -> tuple[list[Document], dict[str, Any]]:
       raise ValueError("data.tfds_name must be set when data.source == 'tfds'")
     split_name = _get(data_cfg, 'tfds_split', 'train') or 'train'
     docs = tfds_documents(name, split_name, _get(data_cfg, 'text_key', 'text'),
-                          _get(data_cfg, 'tfds_data_dir'), limit=int(_get(data_cfg, 'max_docs', 0) or 0))
+                          _get(data_cfg, 'tfds_data_dir') or None, limit=int(_get(data_cfg, 'max_docs', 0) or 0))
     return docs, {'tfds_name': name, 'tfds_split': split_name}
   raise ValueError(f'data.source must be one of {list(SOURCES)}, got {source!r}')
 
@@ -305,7 +305,7 @@ def _as_list(paths: Any) -> Iterable[str]:
   return [paths] if isinstance(paths, str) else [str(p) for p in paths]
 
 
-def _describe(data_cfg: Any) -> str:
+def describe_source(data_cfg: Any) -> str:
   source = _get(data_cfg, 'source', 'stdlib')
   if source in ('text', 'jsonl'):
     return f'data.source={source!r} paths={list(_as_list(_get(data_cfg, "paths")))}'
@@ -332,7 +332,7 @@ def load_documents(data_cfg: Any) -> tuple[list[Document], list[Document], dict[
   normalized = [Document(d.name, normalize(d.text)) for d in raw]
   nonempty = [d for d in normalized if d.text]
   if not nonempty:
-    raise ValueError(f'{_describe(data_cfg)}: all {len(raw)} document(s) are empty after '
+    raise ValueError(f'{describe_source(data_cfg)}: all {len(raw)} document(s) are empty after '
                      'normalization; expected some text')
   unique = dedupe(nonempty)
   kept = unique[:max_docs] if max_docs else unique
