@@ -43,3 +43,32 @@ def jit_apply(model):
 
 def random_tokens(key, shape, vocab):
   return jax.random.randint(jax.random.key(key), shape, 0, vocab, dtype=jnp.int32)
+
+
+def write_code_corpus(directory, n_docs: int = 40) -> str:
+  """Small deterministic Python-like corpus of text files; returns a glob for config.data.paths."""
+  import pathlib
+  d = pathlib.Path(directory)
+  d.mkdir(parents=True, exist_ok=True)
+  for i in range(n_docs):
+    body = '\n'.join(
+        f'def func_{i}_{j}(x, y={j}):\n    """Return x plus {j}."""\n    if x > {i}:\n'
+        f'        return x + y\n    return x * {j % 7}\n' for j in range(12))
+    (d / f'doc{i:03d}.txt').write_text(f'# module {i}\nimport os\n\n{body}\n', encoding='utf-8')
+  return str(d / '*.txt')
+
+
+def tiny_train_config(data_glob: str, **train):
+  """A full training config small enough for a few CPU steps."""
+  from configs.base import get_base
+  cfg = get_base()
+  cfg.model.update(vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                   head_dim=8, mlp_dim=64, max_seq_len=64)
+  cfg.data.update(source='text', paths=[data_glob], seq_len=32, val_fraction=0.1)
+  cfg.data.tokenizer.train_bytes = 200_000
+  cfg.train.update(steps=6, batch_size=8, lr=3e-3, warmup_steps=2, log_every=1, eval_every=3,
+                   eval_batches=2, checkpoint_every=3, peak_flops=1e11, tensorboard=True,
+                   async_checkpoints=False)
+  cfg.train.update(train)
+  cfg.sample.update(max_new_tokens=8, num_samples=2)
+  return cfg

@@ -9,11 +9,13 @@ and returns `(train_docs, val_docs, info)`. `info['fingerprint']` identifies exa
 (and which split each one went to), so caches keyed by it are never stale.
 
 Sources:
-  'stdlib'  the default corpus, built offline from the running Python's standard library (`.py` sources,
-            `test/` included) plus the English pydoc topics. Identical on machines with the same Python.
+  'stdlib'  the default corpus, built offline from the running Python's standard library
+            (`.py` sources, `test/` included) plus the English pydoc topics. Identical on
+            machines with the same Python version.
   'text'    local UTF-8 text files, one document per file (`paths`: files or glob patterns).
   'jsonl'   local JSON-lines files, one document per line's `text_key`.
-  'tfds'    an already-prepared TFDS dataset read through `tfds.data_source` (no TensorFlow, no download).
+  'tfds'    an already-prepared TFDS dataset read as a random-access data source (no TensorFlow,
+            no download).
 """
 
 from __future__ import annotations
@@ -196,9 +198,17 @@ def tfds_documents(name: str, split: str = 'train', text_key: str = 'text',
 
   where = f'tfds dataset {name!r} (data.tfds_name), split {split!r}, data_dir {data_dir!r}'
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except Exception as e:  # TFDS raises many types (not found, bad split, ...); report them uniformly.
-    raise ValueError(f'cannot open {where}: {type(e).__name__}: {e}') from None
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # TFDS raises many types (not found, bad config, ...); report them uniformly.
+    raise ValueError(f'cannot open {where}: {_first_line(e)}') from None
+  if not builder.is_prepared():
+    raise ValueError(f'{where}: not prepared in {builder.data_dir}; nothing is downloaded at run '
+                     'time, so prepare it beforehand with '
+                     'builder.download_and_prepare(file_format="array_record")')
+  try:
+    source = builder.as_data_source(split=split)
+  except Exception as e:
+    raise ValueError(f'cannot read {where}: {_first_line(e)}') from None
   n = len(source) if not limit else min(limit, len(source))
   docs = []
   for i in range(n):
@@ -217,6 +227,12 @@ def tfds_documents(name: str, split: str = 'train', text_key: str = 'text',
                        f'got {type(value).__name__}')
     docs.append(Document(f'{name}/{split}[{i}]', value))
   return docs
+
+
+def _first_line(e: BaseException) -> str:
+  """`Type: first line` of an exception (TFDS messages can list every known dataset)."""
+  lines = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {lines[0] if lines else ""}'
 
 
 def _stdlib_root() -> pathlib.Path:
@@ -294,7 +310,8 @@ def _read_source(data_cfg: Any) -> tuple[list[Document], dict[str, Any]]:
       raise ValueError("data.tfds_name must be set when data.source == 'tfds'")
     split_name = _get(data_cfg, 'tfds_split', 'train') or 'train'
     docs = tfds_documents(name, split_name, _get(data_cfg, 'text_key', 'text'),
-                          _get(data_cfg, 'tfds_data_dir') or None, limit=int(_get(data_cfg, 'max_docs', 0) or 0))
+                          _get(data_cfg, 'tfds_data_dir') or None,
+                          limit=int(_get(data_cfg, 'max_docs', 0) or 0))
     return docs, {'tfds_name': name, 'tfds_split': split_name}
   raise ValueError(f'data.source must be one of {list(SOURCES)}, got {source!r}')
 

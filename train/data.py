@@ -13,7 +13,8 @@ Validation: the stream `[EOS] + pack(val_docs)` is cut into windows of `seq_len 
 `seq_len` (consecutive windows share one token), so every val token — each document's text and the
 EOS after it — is a target exactly once; padding has weight 0. Bits per byte:
 
-    val_bytes_per_token = (UTF-8 bytes of the val docs + 1 per doc) / (val tokens incl. the EOS per doc)
+    val_bytes_per_token = (UTF-8 bytes of the val docs + 1 per doc)
+                          / (val tokens, including the EOS after each doc)
     bits_per_byte       = mean_val_loss_nats / ln(2) / val_bytes_per_token
 
 The "+1 per doc" is the newline that stands for EOS in `validation_text()`, which is exactly the

@@ -145,6 +145,9 @@ class Tokenizer:
   def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
     """Encodes many texts at once; SentencePiece runs them on `num_threads` (0 = all cores)."""
     num_threads = num_threads or os.cpu_count() or 1
+    for t in texts:
+      if not isinstance(t, str):
+        raise ValueError(f'Tokenizer.encode expects str, got {type(t).__name__}')
     plain_idx = [i for i, t in enumerate(texts)
                  if self._literal_re is None or not self._literal_re.search(t)]
     out: list[list[int]] = [[] for _ in texts]
@@ -171,6 +174,9 @@ class Tokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     """Inverse of `encode`; pad/eos/bos/control ids decode to nothing."""
     ids = [int(i) for i in ids]
+    if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+      bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+      raise ValueError(f'token id {bad} is out of range [0, {self.vocab_size}) for {self.where}')
     parts, start, i = [], 0, 0
     while i < len(ids):
       literal = (self._literal_by_ids.get(tuple(ids[i:i + 3]))

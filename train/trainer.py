@@ -82,7 +82,9 @@ class _StopFlag:
       signal.signal(s, h)
 
 
-def train(cfg, workdir: str, log=print) -> RunResult:
+def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunResult:
+  """Trains (or resumes) to config.train.steps. `stop_after` ends early after that many steps
+  with a checkpoint, as a preemption would (for tests and time-boxed runs)."""
   model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
   t = cfg.train
   rules = sharding.check_rules(cfg.mesh.rules)
@@ -133,7 +135,7 @@ def train(cfg, workdir: str, log=print) -> RunResult:
 
   def evaluate(params) -> dict:
     loss_sum, weight_sum = 0.0, 0.0
-    for tokens, weights in data.val[:t.eval_batches] if t.eval_batches else data.val:
+    for tokens, weights in data.val:  # Already capped at config.train.eval_batches.
       ls, ws = eval_step(params, _global(tokens, batch_sh), _global(weights, weights_sh))
       loss_sum += float(ls)
       weight_sum += float(ws)
@@ -146,53 +148,56 @@ def train(cfg, workdir: str, log=print) -> RunResult:
   last_eval: dict = {}
   interrupted = False
   t_last, step_last, t_first = None, step, None
-  with sharding.use_mesh(mesh, rules), _StopFlag() as stop:
-    while step < t.steps:
-      batch = _local_global(next(data.train), batch_sh)
-      state, m = train_step(state, batch)
-      step += 1
-      m = jax.device_get(m)
-      if not m['finite']:
-        if t.nan_policy == 'stop':
+  try:
+    with sharding.use_mesh(mesh, rules), _StopFlag() as stop:
+      while step < t.steps:
+        batch = _local_global(next(data.train), batch_sh)
+        state, m = train_step(state, batch)
+        step += 1
+        m = jax.device_get(m)
+        if not m['finite']:
+          if t.nan_policy == 'stop':
+            ckpt.wait()
+            kept = ckpt.latest_step()
+            raise TrainingDivergedError(
+                f'loss became non-finite at step {step} (loss={m["loss"]}, grad_norm={m["grad_norm"]}); '
+                f'stopped. The last good checkpoint ({"step " + str(kept) if kept is not None else "none"}) '
+                f'in {ckpt.directory} is kept. Lower config.train.lr or set config.train.nan_policy=skip.')
+          log(f'step {step}: non-finite loss, update skipped (config.train.nan_policy=skip)')
+        now = time.perf_counter()
+        if t_last is None:  # The first step includes compilation: start timing after it.
+          t_last, step_last, t_first, step_first = now, step, now, step
+        if step % t.log_every == 0 or step == t.steps:
+          dt = now - t_last
+          if step > step_last and dt > 0:
+            tps = (step - step_last) * tokens_per_step / dt
+            m['tokens_per_s'] = tps
+            m['mfu'] = (step - step_last) * flops_per_step / dt / peak_flops
+            eta = (t.steps - step) * (now - t_first) / max(1, step - step_first)
+            log(metrics_lib.progress_line(step, t.steps, m, eta))
+            t_last, step_last = now, step
+          writer.write(step, m)
+          last_metrics = m
+        if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+          last_eval = evaluate(state['params'])
+          writer.write(step, last_eval)
+          log(f'eval @ {step}: loss {last_eval["eval_loss"]:.4f}  ppl {last_eval["eval_perplexity"]:.2f}'
+              f'  bits/byte {last_eval["eval_bits_per_byte"]:.4f}')
+          t_last = time.perf_counter()  # Keep eval time out of tokens/s.
+          step_last = step
+        stopping = stop.signum is not None or step == stop_after
+        if stopping or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+          ckpt.save(step, state, record(), force=True)
+        if stopping:
           ckpt.wait()
-          kept = ckpt.latest_step()
-          raise TrainingDivergedError(
-              f'loss became non-finite at step {step} (loss={m["loss"]}, grad_norm={m["grad_norm"]}); '
-              f'stopped. The last good checkpoint ({"step " + str(kept) if kept is not None else "none"}) '
-              f'in {ckpt.directory} is kept. Lower config.train.lr or set config.train.nan_policy=skip.')
-        log(f'step {step}: non-finite loss, update skipped (config.train.nan_policy=skip)')
-      now = time.perf_counter()
-      if t_last is None:  # The first step includes compilation: start timing after it.
-        t_last, step_last, t_first, step_first = now, step, now, step
-      if step % t.log_every == 0 or step == t.steps:
-        dt = now - t_last
-        if step > step_last and dt > 0:
-          tps = (step - step_last) * tokens_per_step / dt
-          m['tokens_per_s'] = tps
-          m['mfu'] = (step - step_last) * flops_per_step / dt / peak_flops
-          eta = (t.steps - step) * (now - t_first) / max(1, step - step_first)
-          log(metrics_lib.progress_line(step, t.steps, m, eta))
-          t_last, step_last = now, step
-        writer.write(step, m)
-        last_metrics = m
-      if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-        last_eval = evaluate(state['params'])
-        writer.write(step, last_eval)
-        log(f'eval @ {step}: loss {last_eval["eval_loss"]:.4f}  ppl {last_eval["eval_perplexity"]:.2f}'
-            f'  bits/byte {last_eval["eval_bits_per_byte"]:.4f}')
-        t_last = time.perf_counter()  # Keep eval time out of tokens/s.
-        step_last = step
-      if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
-        ckpt.save(step, state, record(), force=True)
-      if stop.signum is not None:
-        ckpt.save(step, state, record(), force=True)
-        ckpt.wait()
-        log(f'Received signal {stop.signum}: saved step {step} to {ckpt.directory}; exiting. '
-            f'Run the same command again to resume.')
-        interrupted = True
-        break
-  ckpt.close()
-  writer.close()
+          why = f'Received signal {stop.signum}' if stop.signum is not None else 'Stopping early'
+          log(f'{why}: saved step {step} to {ckpt.directory}; exiting. '
+              f'Run the same command again to resume.')
+          interrupted = True
+          break
+  finally:
+    ckpt.close()
+    writer.close()
   return RunResult(step=step, metrics=last_metrics, eval=last_eval, interrupted=interrupted)
 
 

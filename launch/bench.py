@@ -1,0 +1,84 @@
+"""Training throughput benchmark: tokens/s and MFU for a config, against this machine's measured
+matmul peak (taken in the same run).
+
+  python -m launch.bench --config=configs/tiny.py --steps=20 [--dtypes=float32,bfloat16]
+
+Uses random tokens, so it measures the step (forward, backward, optimizer) and not the data
+pipeline. MFU = model FLOPs/s (PaLM App. B: 6N + 12 L H Q T per token) / measured peak.
+"""
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Training config file.')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after 2 warm-up steps).')
+_DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes to compare.')
+
+
+def bench_step(cfg, dtype: str, steps: int) -> dict:
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from model import sharding
+  from model.config import ModelConfig
+  from train import optim, state as state_lib, step as step_lib
+
+  model_cfg = ModelConfig.from_dict({**cfg.model.to_dict(), 'dtype': dtype})
+  t = cfg.train
+  rules = sharding.check_rules(cfg.mesh.rules)
+  mesh = sharding.make_mesh({a: cfg.mesh[a] for a in sharding.MESH_AXES})
+  tx, schedule = optim.make_optimizer(t, t.steps)
+  spec = state_lib.make_state_spec(model_cfg, tx, mesh, rules)
+  state = state_lib.init_state(spec, model_cfg, tx, t.seed)
+  batch_sh = NamedSharding(mesh, sharding.logical_to_spec(('batch', None), rules,
+                                                          (t.batch_size, 1), mesh))
+  step = jax.jit(step_lib.make_train_step(spec.graphdef, tx, schedule, grad_accum=t.grad_accum,
+                                          z_loss=t.z_loss),
+                 in_shardings=(spec.state_shardings, batch_sh), donate_argnums=0)
+  rng = np.random.default_rng(0)
+  batch = jax.device_put(rng.integers(0, model_cfg.vocab_size, (t.batch_size, cfg.data.seq_len + 1),
+                                      dtype=np.int32), batch_sh)
+  with sharding.use_mesh(mesh, rules):
+    t0 = time.perf_counter()
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = step(state, batch)
+    jax.block_until_ready(m)
+    dt = (time.perf_counter() - t0) / steps
+  tokens = t.batch_size * cfg.data.seq_len
+  flops = model_cfg.flops_per_token(cfg.data.seq_len) * tokens
+  return {'dtype': dtype, 'step_s': dt, 'tokens_per_s': tokens / dt, 'flops_per_s': flops / dt,
+          'compile_s': compile_s, 'params': model_cfg.param_count()}
+
+
+def main(argv):
+  del argv
+  import jax
+  from train import peak
+
+  cfg = _CONFIG.value
+  print(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind}  jax {jax.__version__}')
+  peaks = {d: peak.matmul_peak_flops(d) for d in ('float32', 'bfloat16')}
+  for d, p in peaks.items():
+    print(f'measured matmul peak ({d} inputs, float32 accumulation): {p / 1e9:,.0f} GFLOP/s')
+  best = max(peaks.values())
+  print(f'{"dtype":>9} {"step ms":>9} {"tokens/s":>10} {"GFLOP/s":>9} {"MFU":>7} {"MFU(own)":>9} {"compile s":>9}')
+  for dtype in _DTYPES.value:
+    r = bench_step(cfg, dtype, _STEPS.value)
+    print(f'{dtype:>9} {1e3 * r["step_s"]:9.1f} {r["tokens_per_s"]:10,.0f} {r["flops_per_s"] / 1e9:9.1f} '
+          f'{100 * r["flops_per_s"] / best:6.1f}% {100 * r["flops_per_s"] / peaks[dtype]:8.1f}% '
+          f'{r["compile_s"]:9.1f}')
+  print('MFU is against the best measured peak; MFU(own) against the peak of that dtype.')
+
+
+if __name__ == '__main__':
+  app.run(main)

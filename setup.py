@@ -1,0 +1,30 @@
+"""palmax: a JAX/Flax, TPU-first codebase for Gemini/PaLM-style decoder language models."""
+from setuptools import find_packages, setup
+
+setup(
+    name='palmax',
+    version='0.1.0',
+    description='Train, scale, fine-tune and serve Gemini/PaLM-style decoder LLMs in JAX/Flax.',
+    python_requires='>=3.11',
+    packages=find_packages(include=['model', 'model.*', 'train', 'train.*', 'launch', 'launch.*',
+                                    'configs', 'configs.*']),
+    install_requires=[
+        'jax>=0.10.2',
+        'flax>=0.12.8',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12.8',
+        'sentencepiece>=0.2.0',
+        'tensorflow-datasets>=4.9.10',
+        'absl-py>=2.1',
+        'ml_collections>=1.1.0',
+        'numpy',
+        'tensorboardX>=2.6',   # TensorBoard event files without installing TensorFlow.
+    ],
+    extras_require={
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'nbformat>=5.10', 'nbclient>=0.10',
+                 'ipykernel>=6.29'],
+        'tpu': ['jax[tpu]'],
+        'cuda': ['jax[cuda12]'],
+        'hf': ['torch', 'transformers>=4.45', 'safetensors'],
+    },
+)
