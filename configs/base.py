@@ -19,7 +19,7 @@ def get_base() -> ml_collections.ConfigDict:
 
   cfg.data = ml_collections.ConfigDict(dict(
       source='stdlib',        # stdlib | text | jsonl | tfds
-      paths=[],               # files or globs for text/jsonl
+      paths=(),               # files or globs for text/jsonl: --config.data.paths='("a/*.txt",)'
       text_key='text',
       tfds_name='', tfds_split='train', tfds_data_dir='',
       val_fraction=0.01, max_docs=0, seq_len=256, seed=0))

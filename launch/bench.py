@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Training config file.')
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/tiny.py.')
+flags.mark_flag_as_required('config')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after 2 warm-up steps).')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes to compare.')
 
@@ -62,6 +63,7 @@ def bench_step(cfg, dtype: str, steps: int) -> dict:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Keep orbax/absl INFO chatter off the console.
   import jax
   from train import peak
 
@@ -81,4 +83,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from launch.errors import parse_flags
+  app.run(main, flags_parser=parse_flags)

@@ -22,3 +22,18 @@ def fail(e: BaseException) -> None:
     traceback.print_exc()
   print(f'error: {e}', file=sys.stderr)
   sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parser for `app.run(main, flags_parser=parse_flags)`: a config override naming an
+  unknown key (`--config.model.num_layer=3`) gets one line, not ml_collections' traceback."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e}\nPass --helpfull to list the flags.', file=sys.stderr)
+    sys.exit(1)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    msg = str(e).strip('\'"').replace('\\n', ' ').replace("\\'", "'")
+    print(f'error: bad config override: {msg}', file=sys.stderr)
+    sys.exit(1)

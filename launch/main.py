@@ -7,14 +7,14 @@ Running the same command again resumes from the workdir's latest checkpoint.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Training config file.')
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/tiny.py.')
+flags.mark_flag_as_required('config')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, tokenizer.',
                                required=True)
 _SAMPLE = flags.DEFINE_bool('sample', True, 'Print config.sample.num_samples samples after training.')
@@ -29,10 +29,11 @@ from launch.errors import USER_ERRORS, fail  # noqa: E402
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Keep orbax/absl INFO chatter off the console.
   import jax
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from launch import sample as sample_lib
+  from launch import workdir as workdir_lib
   from train import trainer
 
   cfg = _CONFIG.value
@@ -46,7 +47,7 @@ def main(argv):
     if _SAMPLE.value and cfg.sample.num_samples > 0 and jax.process_index() == 0:
       print(f'\n--- {cfg.sample.num_samples} samples from step {result.step} '
             f'(prompt {cfg.sample.prompt!r}) ---')
-      for text in sample_lib.sample_workdir(workdir, **sample_lib.sample_kwargs(cfg.sample)):
+      for text in workdir_lib.sample_workdir(workdir, **workdir_lib.sample_kwargs(cfg.sample)):
         print(text)
         print('-' * 40)
   except USER_ERRORS as e:
@@ -54,4 +55,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from launch.errors import parse_flags
+  app.run(main, flags_parser=parse_flags)

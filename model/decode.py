@@ -35,13 +35,14 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float, top_
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'temperature', 'top_k',
-                                             'top_p', 'eos_id'))
+                                             'top_p', 'eos_id', 'vocab_limit'))
 def generate(graphdef, params, prompt_BP: jax.Array, key: jax.Array, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int = -1) -> jax.Array:
+             eos_id: int = -1, vocab_limit: int = 0) -> jax.Array:
   """Continues each prompt row; returns new tokens [B, max_new_tokens]. `params` is the pure
   dict of `nnx.split(model)[1].to_pure_dict()` (what checkpoints hold). After a row emits
-  `eos_id` it only emits `eos_id` (callers cut there)."""
+  `eos_id` it only emits `eos_id` (callers cut there). `vocab_limit` > 0 never samples ids at or
+  above it (a tokenizer may have fewer pieces than the model's padded vocabulary)."""
   # Merge afresh at each use: an NNX module must not cross into the scan's trace.
   apply = lambda tokens, cache, index: nnx.merge(graphdef, params)(tokens, cache, index)
   cfg: ModelConfig = nnx.merge(graphdef, params).cfg
@@ -52,6 +53,8 @@ def generate(graphdef, params, prompt_BP: jax.Array, key: jax.Array, *, max_new_
   def body(carry, i):
     last_BV, cache, key, done_B = carry
     key, sub = jax.random.split(key)
+    if vocab_limit:
+      last_BV = jnp.where(jnp.arange(last_BV.shape[-1]) < vocab_limit, last_BV, -jnp.inf)
     tok_B = sample_logits(last_BV, sub, temperature, top_k, top_p)
     tok_B = jnp.where(done_B, eos_id, tok_B)
     done_B = done_B | (tok_B == eos_id)

@@ -64,7 +64,7 @@ def tiny_train_config(data_glob: str, **train):
   cfg = get_base()
   cfg.model.update(vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=8, mlp_dim=64, max_seq_len=64)
-  cfg.data.update(source='text', paths=[data_glob], seq_len=32, val_fraction=0.1)
+  cfg.data.update(source='text', paths=(data_glob,), seq_len=32, val_fraction=0.1)
   cfg.data.tokenizer.train_bytes = 200_000
   cfg.train.update(steps=6, batch_size=8, lr=3e-3, warmup_steps=2, log_every=1, eval_every=3,
                    eval_batches=2, checkpoint_every=3, peak_flops=1e11, tensorboard=True,

@@ -6,8 +6,8 @@ Training: the train documents are tokenized, each followed by EOS, and concatena
 stream (`pack`). The stream is cut into non-overlapping windows of `seq_len + 1` tokens; a window is
 one example (inputs `w[:-1]`, targets `w[1:]`). `Batches` visits the windows in a fresh permutation
 per epoch drawn from `(seed, epoch)` and yields this process's rows of each global batch as
-`np.int32 [B_local, seq_len + 1]`. Its position (`state()`) is two ints, so a resumed run sees
-exactly the batches it would have seen.
+`np.int32 [B_local, seq_len + 1]`. Its position (`state()`: epoch and index, plus the seed and
+window count as a check) is all a resumed run needs to see exactly the batches it would have seen.
 
 Validation: the stream `[EOS] + pack(val_docs)` is cut into windows of `seq_len + 1` with stride
 `seq_len` (consecutive windows share one token), so every val token — each document's text and the

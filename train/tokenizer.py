@@ -326,7 +326,8 @@ def get_tokenizer(data_cfg: Any, train_docs: Sequence[Any], workdir: str | None)
   """The run's tokenizer: `data.tokenizer.path` if set, else trained and cached in `workdir`.
 
   The cache (`WORKDIR/tokenizer.model` + `tokenizer.json`) is keyed by a hash of the sampled
-  training text and the trainer options; a different key retrains and overwrites it.
+  training text and the trainer options; a different key retrains and overwrites it. A given
+  `path` is copied to `WORKDIR/tokenizer.model` too, so a workdir always holds its tokenizer.
   """
   tcfg = _cfg(data_cfg, 'tokenizer')
   if tcfg is None:
@@ -338,6 +339,11 @@ def get_tokenizer(data_cfg: Any, train_docs: Sequence[Any], workdir: str | None)
     if tok.vocab_size > vocab_size:
       raise ValueError(f'data.tokenizer.path {path!r} has {tok.vocab_size} pieces, more than '
                        f'data.tokenizer.vocab_size={vocab_size}')
+    if workdir:
+      tok.save(os.path.join(workdir, 'tokenizer.model'))
+      _atomic_write(os.path.join(workdir, 'tokenizer.json'), json.dumps(
+          {'key': f'copied:{tok.digest}', 'source_path': os.path.abspath(path),
+           'vocab_size': tok.vocab_size, 'model_sha256': tok.digest}, indent=1).encode())
     return tok
 
   model_type = _cfg(tcfg, 'model_type', 'bpe') or 'bpe'

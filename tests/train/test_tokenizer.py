@@ -164,7 +164,9 @@ def test_get_tokenizer_caches_in_workdir(tmp_path, monkeypatch):
 def test_get_tokenizer_from_path(tok, tmp_path):
   path = str(tmp_path / 'given.model')
   tok.save(path)
-  assert tokenizer_lib.get_tokenizer(_cfg(path=path, vocab_size=VOCAB), [], None).digest == tok.digest
+  workdir = tmp_path / 'work'
+  got = tokenizer_lib.get_tokenizer(_cfg(path=path, vocab_size=VOCAB), [], str(workdir))
+  assert got.digest == tok.digest == Tokenizer.load(str(workdir / 'tokenizer.model')).digest
   with pytest.raises(ValueError, match=r'given\.model.*1000 pieces.*vocab_size=512'):
     tokenizer_lib.get_tokenizer(_cfg(path=path, vocab_size=512), [], None)
   with pytest.raises(ValueError, match=r'missing\.model'):

@@ -21,8 +21,8 @@ def corpus_glob(tmp_path_factory):
 
 
 def _params(workdir, cfg, step=None):
-  from launch import sample
-  return sample.load_model(workdir, step)[3]
+  from launch import workdir as workdir_lib
+  return workdir_lib.load_model(workdir, step)[3]
 
 
 def _run(cfg, workdir):

@@ -1,0 +1,72 @@
+"""Restoring a trained workdir for inference: its config, parameters and tokenizer, and sampling.
+
+Shared by `launch.sample` (CLI), `launch.main` (samples after training) and the Colab notebook.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+
+def load_config(workdir: str):
+  import ml_collections
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: --workdir must be a palmax training workdir')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_model(workdir: str, step: int | None = None):
+  """(cfg, graphdef, params, tokenizer) from a workdir, on a 1-device mesh."""
+  import jax
+  from model import sharding
+  from model.config import ModelConfig
+  from train import checkpoint as ckpt_lib, optim, state as state_lib
+  from train.tokenizer import Tokenizer
+
+  cfg = load_config(workdir)
+  model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
+  mesh = sharding.make_mesh({'data': 1}, jax.devices()[:1])
+  tx, _ = optim.make_optimizer(cfg.train, cfg.train.steps)
+  spec = state_lib.make_state_spec(model_cfg, tx, mesh, sharding.check_rules(cfg.mesh.rules))
+  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint in {ckpt.directory}: train first')
+  state, _ = ckpt.restore(spec.abstract_state, step=step, expect={'model': model_cfg.__dict__})
+  ckpt.close()
+  tokenizer = Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
+  return cfg, model_cfg, spec.graphdef, state['params'], tokenizer
+
+
+def sample_kwargs(sample_cfg) -> dict:
+  return {k: sample_cfg[k] for k in ('prompt', 'max_new_tokens', 'num_samples', 'temperature',
+                                     'top_k', 'top_p', 'seed')}
+
+
+def sample_workdir(workdir: str, *, prompt: str, max_new_tokens: int, num_samples: int,
+                   temperature: float, top_k: int, top_p: float, seed: int,
+                   step: int | None = None) -> list[str]:
+  """Returns `num_samples` strings: the prompt followed by its continuation (cut at EOS)."""
+  import jax
+  import jax.numpy as jnp
+  from model import decode
+
+  _, model_cfg, graphdef, params, tok = load_model(workdir, step)
+  # Training documents follow an EOS, so a prompt starts with one. Trailing newline+indentation
+  # is left for the model to write: the tokenizer merges a newline with its indentation, so a
+  # prompt ending on a bare newline would be an unusual token boundary.
+  prompt = prompt.rstrip(' \n')
+  ids = [tok.eos_id] + tok.encode(prompt)
+  decode.check_prompt(len(ids), max_new_tokens, model_cfg)
+  prompt_BP = jnp.asarray([ids] * num_samples, jnp.int32)
+  new_BN = decode.generate(graphdef, params, prompt_BP, jax.random.key(seed),
+                           max_new_tokens=max_new_tokens, temperature=float(temperature),
+                           top_k=int(top_k), top_p=float(top_p), eos_id=tok.eos_id,
+                           vocab_limit=tok.vocab_size)
+  out = []
+  for row in jax.device_get(new_BN).tolist():
+    if tok.eos_id in row:
+      row = row[:row.index(tok.eos_id)]
+    out.append(prompt + tok.decode(row))
+  return out

@@ -1,0 +1,88 @@
+"""The command-line entry points, run as a user would (subprocesses)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import tiny_train_config, write_code_corpus
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _config_file(tmp_path, **train):
+  """A config file (the launcher reads files) holding the small test config."""
+  glob = write_code_corpus(tmp_path / 'corpus')
+  cfg = tiny_train_config(glob, **train)
+  path = tmp_path / 'cfg.py'
+  path.write_text(
+      'import ml_collections, json\n'
+      f'def get_config():\n  d = json.loads({cfg.to_json()!r})\n'
+      '  d["data"]["paths"] = tuple(d["data"]["paths"])\n  return ml_collections.ConfigDict(d)\n')
+  return str(path)
+
+
+def _run(args, **kw):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600, **kw)
+
+
+def test_train_then_sample_from_the_command_line(tmp_path):
+  cfg = _config_file(tmp_path, steps=4, eval_every=4, checkpoint_every=4)
+  workdir = str(tmp_path / 'w')
+  r = _run(['launch.main', f'--config={cfg}', f'--workdir={workdir}',
+            '--config.train.steps=5', '--config.sample.prompt=def f'])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'step      5/5' in r.stdout and 'bits/byte' in r.stdout
+  assert '--- 2 samples from step 5' in r.stdout
+  r = _run(['launch.sample', f'--workdir={workdir}', '--prompt=import', '--temperature=0',
+            '--num_samples=2', '--max_new_tokens=6'])
+  assert r.returncode == 0, r.stderr[-3000:]
+  samples = r.stdout.split('-' * 40)
+  assert samples[0].strip().startswith('import') and samples[0].strip() == samples[1].strip()
+  # A prompt longer than the context is refused with a message, not a traceback.
+  r = _run(['launch.sample', f'--workdir={workdir}', '--prompt=' + 'x = 1\n' * 200])
+  assert r.returncode == 1 and 'exceeds the context config.model.max_seq_len' in r.stderr
+  assert 'Traceback' not in r.stderr
+
+
+def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
+  cfg = _config_file(tmp_path, steps=100000, eval_every=0, checkpoint_every=0, log_every=1)
+  workdir = str(tmp_path / 'w')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
+  args = [sys.executable, '-m', 'launch.main', f'--config={cfg}', f'--workdir={workdir}',
+          '--nosample']
+  p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True)
+  out = []
+  for line in p.stdout:  # Wait until training is under way, then preempt.
+    out.append(line)
+    if 'step ' in line and '/100000' in line:
+      p.send_signal(signal.SIGTERM)
+      break
+  rest, _ = p.communicate(timeout=120)
+  assert p.returncode == 0, ''.join(out) + rest
+  assert 'Received signal 15: saved step' in rest
+  saved = int(rest.split('saved step ')[1].split()[0])
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(saved)))
+  r = _run(['launch.main', f'--config={cfg}', f'--workdir={workdir}', '--nosample',
+            f'--config.train.steps={saved + 2}'])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f'at step {saved}' in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.model.num_layer=3', 'num_layer'),
+    ('--config.model.num_kv_heads=3', 'num_heads=4 must be divisible by config.model.num_kv_heads=3'),
+    ('--config.data.paths=("/nonexistent/*.txt",)', '/nonexistent'),
+])
+def test_bad_input_gets_a_clear_error(tmp_path, override, message):
+  cfg = _config_file(tmp_path)
+  r = _run(['launch.main', f'--config={cfg}', f'--workdir={tmp_path / "w"}', override])
+  assert r.returncode != 0
+  assert message in r.stderr
+  assert 'Traceback' not in r.stderr
