@@ -108,8 +108,10 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
   else:
     state = state_lib.init_state(spec, model_cfg, tx, t.seed)
   n_params = model_cfg.param_count()
-  log(f'Model: {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; '
-      f'corpus {data.info["fingerprint"][:12]}')
+  log(f'Model: {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}')
+  log(f'Data: {data.info["source"]} corpus {data.info["fingerprint"][:12]}, '
+      f'{data.info["train_tokens"]:,} training and {data.info["val_tokens"]:,} validation tokens, '
+      f'{data.val_bytes_per_token:.2f} bytes/token (tokenizer vocab {data.tokenizer.vocab_size})')
 
   batch_sh = NamedSharding(mesh, sharding.logical_to_spec(('batch', None), rules,
                                                           (t.batch_size, 1), mesh))
