@@ -21,7 +21,7 @@ setup(
         'tensorboardX>=2.6',   # TensorBoard event files without installing TensorFlow.
     ],
     extras_require={
-        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'nbformat>=5.10', 'nbclient>=0.10',
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'nbformat>=5.10', 'nbclient>=0.10', 'matplotlib',
                  'ipykernel>=6.29'],
         'tpu': ['jax[tpu]'],
         'cuda': ['jax[cuda12]'],
