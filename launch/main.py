@@ -8,7 +8,6 @@ Running the same command again resumes from the workdir's latest checkpoint.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -40,9 +39,6 @@ def main(argv):
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   try:
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        f.write(cfg.to_json(indent=2))
     result = trainer.train(cfg, workdir)
     if _SAMPLE.value and cfg.sample.num_samples > 0 and jax.process_index() == 0:
       print(f'\n--- {cfg.sample.num_samples} samples from step {result.step} '

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import time
 from typing import Any
@@ -107,6 +108,11 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
     log(f'Resumed from {ckpt.directory} at step {int(state["step"])}')
   else:
     state = state_lib.init_state(spec, model_cfg, tx, t.seed)
+  if jax.process_index() == 0:
+    # Written only after any existing checkpoint was found to fit, so a refused run never
+    # overwrites the config that sampling reads.
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(cfg.to_json(indent=2))
   n_params = model_cfg.param_count()
   log(f'Model: {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}')
   log(f'Data: {data.info["source"]} corpus {data.info["fingerprint"][:12]}, '

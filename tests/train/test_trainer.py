@@ -27,8 +27,6 @@ def _params(workdir, cfg, step=None):
 
 def _run(cfg, workdir):
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(cfg.to_json())
   return trainer.train(cfg, workdir, log=lambda *_: None)
 
 
@@ -42,8 +40,6 @@ def test_resume_is_exact_and_outputs_are_written(corpus_glob, tmp_path):
   # Stop after 3 of the 6 scheduled steps (as a preemption would), then run again to the end.
   half.train.steps = 6
   os.makedirs(resumed_dir)
-  with open(os.path.join(resumed_dir, 'config.json'), 'w') as f:
-    f.write(half.to_json())
   trainer.train(half, resumed_dir, log=lambda *_: None, stop_after=3)
   assert ckpt_lib.Checkpointer(resumed_dir).latest_step() == 3
   logs = []
@@ -83,6 +79,8 @@ def test_workdir_holding_another_model_is_refused(corpus_glob, tmp_path):
   other.model.d_model = 48
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"model\.d_model=32.*model\.d_model=48"):
     trainer.train(other, workdir, log=lambda *_: None)
+  # The refused run left the workdir as it was: sampling still reads the original model.
+  assert json.load(open(os.path.join(workdir, 'config.json')))['model']['d_model'] == 32
 
 
 def test_half_written_checkpoint_is_never_loaded(corpus_glob, tmp_path):
