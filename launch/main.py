@@ -39,7 +39,8 @@ def main(argv):
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   try:
-    result = trainer.train(cfg, workdir)
+    log = print if jax.process_index() == 0 else (lambda *_: None)  # Log once per job.
+    result = trainer.train(cfg, workdir, log=log)
     if _SAMPLE.value and cfg.sample.num_samples > 0 and jax.process_index() == 0:
       print(f'\n--- {cfg.sample.num_samples} samples from step {result.step} '
             f'(prompt {cfg.sample.prompt!r}) ---')

@@ -113,6 +113,14 @@ def update_router_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax
   return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)
 
 
+def _bmatmul(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+  """`layers.matmul` for the expert-batched einsums. XLA:CPU (jax 0.10.2) has no DotThunk for some
+  batched bf16 x bf16 -> f32 dots ("Unsupported element type"), so on CPU those run in float32."""
+  if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == 'cpu':
+    return jnp.einsum(eq, x.astype(jnp.float32), w.astype(jnp.float32)).astype(dtype)
+  return matmul(eq, x, w, dtype)
+
+
 class RouterBias(nnx.Variable):
   """Non-trainable per-expert routing bias (DeepSeek-V3); excluded from `nnx.Param` state."""
 
@@ -182,10 +190,10 @@ class MoE(nnx.Module):
     """Per-expert FFN on capacity buffers [G, E, C, D] -> [G, E, C, D]."""
     dtype = jnp.dtype(self.cfg.dtype)
     act = _ACTIVATION_FNS[self.cfg.activation]
-    h_GECF = act(matmul('gecd,edf->gecf', x_GECD, self.w_gate[...], dtype))
+    h_GECF = act(_bmatmul('gecd,edf->gecf', x_GECD, self.w_gate[...], dtype))
     if self.cfg.gated:
-      h_GECF = h_GECF * matmul('gecd,edf->gecf', x_GECD, self.w_up[...], dtype)
-    return matmul('gecf,efd->gecd', h_GECF, self.w_down[...], dtype)
+      h_GECF = h_GECF * _bmatmul('gecd,edf->gecf', x_GECD, self.w_up[...], dtype)
+    return _bmatmul('gecf,efd->gecd', h_GECF, self.w_down[...], dtype)
 
   def _experts_ragged(self, x_MD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
     """Per-expert FFN on expert-sorted token-slots [M, D] -> [M, D] (grouped matmul)."""
@@ -227,7 +235,7 @@ class MoE(nnx.Module):
     dispatch_GSEC = jnp.sum(disp_GSKEC, axis=2)
     combine_GSEC = jnp.einsum('gskec,gsk->gsec', disp_GSKEC, w_GSK.astype(jnp.float32))
     x_GSD = x_ND.reshape(g, s, -1)
-    x_GECD = matmul('gsec,gsd->gecd', dispatch_GSEC, x_GSD, dtype)
+    x_GECD = _bmatmul('gsec,gsd->gecd', dispatch_GSEC, x_GSD, dtype)
     out_GECD = self._experts_dense(x_GECD)
     y_GSD = jnp.einsum('gsec,gecd->gsd', combine_GSEC, out_GECD.astype(jnp.float32))
     dropped = 1.0 - jnp.mean(keep_GM.astype(jnp.float32))
