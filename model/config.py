@@ -12,6 +12,7 @@ from typing import Any, Mapping
 ACTIVATIONS = ('swiglu', 'geglu', 'gelu')
 BLOCKS = ('serial', 'parallel')
 REMAT_POLICIES = ('none', 'full', 'dots')
+ROPE_SCALINGS = ('none', 'llama3')
 DTYPES = ('float32', 'bfloat16')
 
 
@@ -36,6 +37,21 @@ class ModelConfig:
   scale_embeddings: bool = False  # Multiply input embeddings by sqrt(d_model) (Gemma).
   logit_softcap: float = 0.0     # 0 = off; else logits = cap * tanh(logits / cap) (Gemma 2).
   norm_eps: float = 1e-6
+  norm_offset_one: bool = False  # RMSNorm gain is (1 + scale), scale zero-initialised (Gemma).
+  post_norms: bool = False       # Also normalise attention/MLP outputs before the residual (Gemma 2/3).
+  qk_norm: bool = False          # RMSNorm on queries and keys per head (Gemma 3).
+  attn_softcap: float = 0.0      # 0 = off; else attention logits = cap * tanh(logits / cap) (Gemma 2).
+  query_scale_dim: int = 0       # Queries scaled by query_scale_dim^-0.5; 0 = head_dim (Gemma 2 27B: 144).
+  # Layer i is local (sliding window) or global by layer_pattern[i % len]: 'G' all global,
+  # 'LG' alternating (Gemma 2), 'LLLLLG' 5:1 (Gemma 3).
+  layer_pattern: str = 'G'
+  sliding_window: int = 0        # Keys within this many positions (incl. self) on local layers.
+  rope_base_local: float = 0.0   # RoPE base on local layers; 0 = rope_base (Gemma 3: 10k local, 1M global).
+  rope_scaling: str = 'none'     # none | llama3 (frequency-dependent context extension, Llama 3.1).
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   max_seq_len: int = 2048        # Longest context the model is used with (KV cache size cap).
   remat: str = 'none'            # none | full | dots (save matmul outputs only).
   dtype: str = 'float32'         # Compute dtype; parameters stay float32.
@@ -68,6 +84,17 @@ class ModelConfig:
                           ('remat', REMAT_POLICIES), ('dtype', DTYPES), ('param_dtype', DTYPES)):
       if getattr(self, name) not in allowed:
         raise ConfigError(f'config.model.{name}={getattr(self, name)!r}; expected one of {allowed}')
+    if not self.layer_pattern or set(self.layer_pattern) - set('LG'):
+      raise ConfigError(f'config.model.layer_pattern={self.layer_pattern!r}; expected a non-empty '
+                        "string of 'L' (local) and 'G' (global), e.g. 'LG'")
+    if 'L' in self.layer_pattern and self.sliding_window <= 0:
+      raise ConfigError(f'config.model.layer_pattern={self.layer_pattern!r} has local layers, so '
+                        f'config.model.sliding_window must be > 0 (got {self.sliding_window})')
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise ConfigError(f'config.model.rope_scaling={self.rope_scaling!r}; expected one of {ROPE_SCALINGS}')
+    for name in ('attn_softcap', 'query_scale_dim', 'sliding_window', 'rope_base_local'):
+      if getattr(self, name) < 0:
+        raise ConfigError(f'config.model.{name}={getattr(self, name)} must be >= 0 (0 = off/default)')
     if self.rope_base <= 1:
       raise ConfigError(f'config.model.rope_base={self.rope_base} must be > 1')
     if self.logit_softcap < 0:
@@ -77,13 +104,19 @@ class ModelConfig:
   def gated(self) -> bool:
     return self.activation in ('swiglu', 'geglu')
 
+  def layer_kinds(self) -> str:
+    """'L'/'G' for each layer, the pattern repeated over the depth."""
+    p = self.layer_pattern
+    return ''.join(p[i % len(p)] for i in range(self.num_layers))
+
   # ---- Counting (closed form; tests check it against the built model) -------------------------
 
   def layer_param_count(self) -> int:
     d, h = self.d_model, self.head_dim
     attn = d * self.num_heads * h * 2 + d * self.num_kv_heads * h * 2   # q, o; k, v
     mlp = d * self.mlp_dim * (3 if self.gated else 2)
-    norms = d * (1 if self.block == 'parallel' else 2)
+    norms = d * ((1 if self.block == 'parallel' else 2) + (2 if self.post_norms else 0))
+    norms += 2 * h if self.qk_norm else 0
     return attn + mlp + norms
 
   def embedding_param_count(self) -> int:

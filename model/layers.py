@@ -34,18 +34,25 @@ def matmul(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
 
 
 class RMSNorm(nnx.Module):
-  """x * rsqrt(mean(x^2) + eps) * scale, computed in float32. [..., D] -> [..., D]."""
+  """x * rsqrt(mean(x^2) + eps) * gain over the last axis, computed in float32. [..., dim].
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  The gain is `scale` (init 1), or `1 + scale` with scale init 0 when `norm_offset_one` (Gemma;
+  weight decay then pulls the gain towards 1, not 0). `dim` defaults to d_model; QK-norm uses
+  head_dim with logical name `head_dim`.
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dim: int | None = None,
+               name: str = 'embed'):
     self.eps = cfg.norm_eps
+    self.offset = 1.0 if cfg.norm_offset_one else 0.0
     self.dtype = jnp.dtype(cfg.dtype)
-    self.scale = param(rngs, nnx.initializers.ones, (cfg.d_model,), ('embed',),
-                       jnp.dtype(cfg.param_dtype))
+    init = nnx.initializers.zeros if cfg.norm_offset_one else nnx.initializers.ones
+    self.scale = param(rngs, init, (dim or cfg.d_model,), (name,), jnp.dtype(cfg.param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...]).astype(self.dtype)
+    return (y * (self.offset + self.scale[...])).astype(self.dtype)
 
 
 class Embedder(nnx.Module):
@@ -86,14 +93,30 @@ class Embedder(nnx.Module):
     return sharding.constrain(logits_BTV, ('batch', 'length', 'act_vocab'))
 
 
-def rope(x_BTNH: jax.Array, positions_BT: jax.Array, base: float) -> jax.Array:
+def rope_inv_freq(head_dim: int, base, cfg: ModelConfig) -> jax.Array:
+  """Rotation frequencies [H/2]: base^(-2i/H), optionally rescaled as in Llama 3.1.
+
+  Llama 3.1 context extension: wavelengths longer than original_len / low_freq_factor are
+  divided by `factor`, shorter than original_len / high_freq_factor kept, and those between
+  interpolated smoothly. `base` may be a traced scalar (per-layer bases in the scanned stack).
+  """
+  inv_freq_K = base ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)
+  if cfg.rope_scaling == 'llama3':
+    factor, lo, hi = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen_K = 2 * jnp.pi / inv_freq_K
+    smooth_K = (cfg.rope_original_max_len / wavelen_K - lo) / (hi - lo)
+    mid_K = (1 - smooth_K) * inv_freq_K / factor + smooth_K * inv_freq_K
+    inv_freq_K = jnp.where(wavelen_K > cfg.rope_original_max_len / lo, inv_freq_K / factor,
+                           jnp.where(wavelen_K < cfg.rope_original_max_len / hi, inv_freq_K, mid_K))
+  return inv_freq_K
+
+
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_K: jax.Array) -> jax.Array:
   """Rotary position embedding (Su et al. 2021), half-split layout, computed in float32.
 
-  Channel pair (i, i + H/2) is rotated by angle position * base^(-2i/H), so q.k depends only on
+  Channel pair (i, i + H/2) is rotated by angle position * inv_freq[i], so q.k depends only on
   the relative position of query and key.
   """
-  h = x_BTNH.shape[-1]
-  inv_freq_K = base ** (-jnp.arange(0, h // 2, dtype=jnp.float32) * 2.0 / h)
   angle_BTK = positions_BT[..., None].astype(jnp.float32) * inv_freq_K
   sin, cos = jnp.sin(angle_BTK)[:, :, None, :], jnp.cos(angle_BTK)[:, :, None, :]
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)

@@ -22,24 +22,31 @@ _REMAT_POLICIES = {
 
 class Block(nnx.Module):
   """Serial pre-norm: x + attn(n1(x)), then + mlp(n2(.)).
-  Parallel (PaLM §2): x + attn(n(x)) + mlp(n(x)) with one shared norm."""
+  Parallel (PaLM §2): x + attn(n(x)) + mlp(n(x)) with one shared norm.
+  With `post_norms` (Gemma 2/3) each branch output is normalised again before the residual."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.parallel = cfg.block == 'parallel'
+    self.post_norms = cfg.post_norms
     self.attn_norm = RMSNorm(cfg, rngs)
     self.attn = Attention(cfg, rngs)
     if not self.parallel:
       self.mlp_norm = RMSNorm(cfg, rngs)
     self.mlp = MLP(cfg, rngs)
+    if cfg.post_norms:
+      self.post_attn_norm = RMSNorm(cfg, rngs)
+      self.post_mlp_norm = RMSNorm(cfg, rngs)
 
-  def __call__(self, x_BTD, positions_BT, cache=None, index=0):
+  def __call__(self, x_BTD, positions_BT, cache=None, index=0, window=0, rope_base=None):
+    post_attn = self.post_attn_norm if self.post_norms else (lambda y: y)
+    post_mlp = self.post_mlp_norm if self.post_norms else (lambda y: y)
     h_BTD = self.attn_norm(x_BTD)
-    a_BTD, cache = self.attn(h_BTD, positions_BT, cache, index)
+    a_BTD, cache = self.attn(h_BTD, positions_BT, cache, index, window, rope_base)
     if self.parallel:
-      x_BTD = x_BTD + a_BTD + self.mlp(h_BTD)
+      x_BTD = x_BTD + post_attn(a_BTD) + post_mlp(self.mlp(h_BTD))
     else:
-      x_BTD = x_BTD + a_BTD
-      x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+      x_BTD = x_BTD + post_attn(a_BTD)
+      x_BTD = x_BTD + post_mlp(self.mlp(self.mlp_norm(x_BTD)))
     return sharding.constrain(x_BTD, ('batch', 'length', 'act_embed')), cache
 
 
@@ -69,14 +76,21 @@ class Decoder(nnx.Module):
     positions_BT = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
     x_BTD = self.embedder.encode(tokens_BT)
 
-    def body(x_BTD, block, layer_cache):
-      return block(x_BTD, positions_BT, layer_cache, index)
+    # Per-layer attention span and RoPE base ride along the scan as [L] arrays.
+    cfg = self.cfg
+    kinds = cfg.layer_kinds()
+    window_L = jnp.asarray([cfg.sliding_window if k == 'L' else 0 for k in kinds], jnp.int32)
+    base_L = jnp.asarray([cfg.rope_base_local or cfg.rope_base if k == 'L' else cfg.rope_base
+                          for k in kinds], jnp.float32)
+
+    def body(x_BTD, block, layer_cache, window, rope_base):
+      return block(x_BTD, positions_BT, layer_cache, index, window, rope_base)
 
     if self.cfg.remat != 'none':
       body = nnx.remat(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
     # A None cache has no leaves, so axis 0 is harmless in the training forward.
-    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
-    x_BTD, cache = scan(x_BTD, self.blocks, cache)
+    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0))
+    x_BTD, cache = scan(x_BTD, self.blocks, cache, window_L, base_L)
     return self.embedder.decode(self.final_norm(x_BTD)), cache
 
 

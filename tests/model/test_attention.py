@@ -46,3 +46,34 @@ def test_attention_rejects_nothing_but_masks_unfilled_cache_slots():
   cached, new = attn(x, pos, cache, 0)
   np.testing.assert_allclose(cached, full, atol=1e-5)
   assert new['k'].shape == cache['k'].shape
+
+
+def test_sliding_window_sees_exactly_the_last_w_positions():
+  cfg = tiny_model_config()
+  attn = Attention(cfg, nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (1, 10, cfg.d_model))
+  pos = jnp.arange(10)[None]
+  y, _ = attn(x, pos, window=3)
+  # Changing positions 0..5 leaves outputs at 8 and 9 (keys 6..9) unchanged; 7 sees position 5.
+  x2 = x.at[:, :6].set(jax.random.normal(jax.random.key(1), (1, 6, cfg.d_model)))
+  y2, _ = attn(x2, pos, window=3)
+  np.testing.assert_allclose(y[:, 8:], y2[:, 8:], atol=1e-6)
+  assert float(jnp.max(jnp.abs(y[:, 7] - y2[:, 7]))) > 1e-4
+  # A window as long as the sequence is plain causal attention.
+  np.testing.assert_allclose(attn(x, pos, window=10)[0], attn(x, pos)[0], atol=1e-6)
+
+
+def test_attention_softcap_and_query_scale():
+  from model.attention import attend
+  q = 10.0 * jax.random.normal(jax.random.key(0), (1, 4, 2, 8))
+  k = 10.0 * jax.random.normal(jax.random.key(1), (1, 4, 2, 8))
+  v = jax.random.normal(jax.random.key(2), (1, 4, 2, 8))
+  pos = jnp.arange(4)[None]
+  capped = attend(q, k, v, pos, jnp.arange(4), softcap=1.0)
+  # With a cap of 1 logits lie in [-1, 1]: softmax weights within e^2 of uniform.
+  assert float(jnp.max(jnp.abs(capped))) <= float(jnp.max(jnp.abs(v))) + 1e-5
+  assert not np.allclose(capped, attend(q, k, v, pos, jnp.arange(4)))
+  cfg = tiny_model_config(query_scale_dim=32)
+  a1, a2 = Attention(cfg, nnx.Rngs(0)), Attention(tiny_model_config(), nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(3), (1, 5, cfg.d_model))
+  assert not np.allclose(a1(x, jnp.arange(5)[None])[0], a2(x, jnp.arange(5)[None])[0])

@@ -17,6 +17,10 @@ def test_unknown_key_is_named():
     ('dtype', 'float16', 'config.model.dtype'),
     ('remat', 'some', 'config.model.remat'),
     ('logit_softcap', -1.0, 'logit_softcap'),
+    ('layer_pattern', 'LX', 'layer_pattern'),
+    ('layer_pattern', 'LG', 'config.model.sliding_window must be > 0'),
+    ('rope_scaling', 'yarn', 'config.model.rope_scaling'),
+    ('attn_softcap', -2.0, 'attn_softcap'),
 ])
 def test_inconsistent_values_are_refused(field, value, match):
   with pytest.raises(ConfigError, match=match):
@@ -33,3 +37,8 @@ def test_counts_by_hand():
   assert c.flops_per_token(16) == 6 * (2 * (attn + mlp + 8) + 40 + 4) + 12 * 2 * 2 * 2 * 16
   untied = ModelConfig(**{**c.__dict__, 'tie_embeddings': False})
   assert untied.flops_per_token(16) == c.flops_per_token(16)  # The input table is a lookup.
+
+
+def test_layer_kinds_repeat_the_pattern():
+  c = ModelConfig(num_layers=7, layer_pattern='LLG', sliding_window=8)
+  assert c.layer_kinds() == 'LLGLLGL'

@@ -21,8 +21,9 @@ def test_rope_depends_only_on_relative_position():
   k = jax.random.normal(jax.random.key(2), (1, 1, 1, h))
 
   def score(pq, pk):
-    rq = layers.rope(q, jnp.array([[pq]]), 10_000.0)
-    rk = layers.rope(k, jnp.array([[pk]]), 10_000.0)
+    inv = layers.rope_inv_freq(h, 10_000.0, tiny_model_config())
+    rq = layers.rope(q, jnp.array([[pq]]), inv)
+    rk = layers.rope(k, jnp.array([[pk]]), inv)
     return float(jnp.sum(rq * rk))
 
   base = score(7, 3)
@@ -34,7 +35,7 @@ def test_rope_depends_only_on_relative_position():
 def test_rope_preserves_norm_and_is_identity_at_zero():
   x = jax.random.normal(jax.random.key(3), (2, 4, 3, 8))
   pos = jnp.broadcast_to(jnp.arange(4), (2, 4))
-  y = layers.rope(x, pos, 500.0)
+  y = layers.rope(x, pos, layers.rope_inv_freq(8, 500.0, tiny_model_config()))
   np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
   np.testing.assert_allclose(y[:, 0], x[:, 0], rtol=1e-6)
 
@@ -53,3 +54,25 @@ def test_logit_softcap_bounds_logits():
   emb = layers.Embedder(cfg, nnx.Rngs(0))
   logits = emb.decode(100.0 * jax.random.normal(jax.random.key(0), (1, 3, cfg.d_model)))
   assert float(jnp.max(jnp.abs(logits))) <= 2.0
+
+
+def test_llama3_rope_scaling_keeps_high_and_divides_low_frequencies():
+  cfg = tiny_model_config(rope_scaling='llama3', rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
+                          rope_high_freq_factor=4.0, rope_original_max_len=8192)
+  plain = layers.rope_inv_freq(128, 500_000.0, tiny_model_config())
+  scaled = layers.rope_inv_freq(128, 500_000.0, cfg)
+  wavelen = 2 * np.pi / np.asarray(plain)
+  high, low = wavelen < 8192 / 4.0, wavelen > 8192 / 1.0
+  assert high.any() and low.any() and (~high & ~low).any()
+  np.testing.assert_allclose(scaled[high], plain[high], rtol=1e-6)
+  np.testing.assert_allclose(scaled[low], plain[low] / 8.0, rtol=1e-6)
+  mid = ~high & ~low
+  assert (scaled[mid] < plain[mid]).all() and (scaled[mid] > plain[mid] / 8.0).all()
+
+
+def test_gemma_norm_offset_starts_at_unit_gain():
+  plain = layers.RMSNorm(tiny_model_config(), nnx.Rngs(0))
+  gemma = layers.RMSNorm(tiny_model_config(norm_offset_one=True), nnx.Rngs(0))
+  assert float(jnp.abs(gemma.scale[...]).max()) == 0.0
+  x = jax.random.normal(jax.random.key(0), (2, 3, 32))
+  np.testing.assert_allclose(gemma(x), plain(x), rtol=1e-6)
