@@ -20,6 +20,18 @@ class ConfigError(ValueError):
   """A config value is missing, unknown or inconsistent; the message names the field."""
 
 
+def validated_from_dict(cls, d: Mapping[str, Any], where: str):
+  """Builds config dataclass `cls` from a mapping, naming unknown keys, then validates it."""
+  d = dict(d)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ConfigError(f'{where} has unknown key(s) {unknown}; known keys: {sorted(known)}')
+  cfg = cls(**d)
+  cfg.validate()
+  return cfg
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shape and flavour of the decoder. Field names are the `cfg.model.*` keys."""
@@ -59,14 +71,7 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'ModelConfig':
-    d = dict(d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ConfigError(f'config.model has unknown key(s) {unknown}; known keys: {sorted(known)}')
-    cfg = cls(**d)
-    cfg.validate()
-    return cfg
+    return validated_from_dict(cls, d, 'config.model')
 
   def validate(self) -> None:
     for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import sharding
-from model.config import ConfigError, ModelConfig
+from model.config import ConfigError, ModelConfig, validated_from_dict
 from model.layers import _ACTIVATION_FNS, MLP, matmul, param
 
 GATINGS = ('softmax_topk', 'topk_softmax', 'sigmoid')
@@ -54,14 +54,7 @@ class MoEConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'MoEConfig':
-    d = dict(d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ConfigError(f'config.model.moe has unknown key(s) {unknown}; known keys: {sorted(known)}')
-    cfg = cls(**d)
-    cfg.validate()
-    return cfg
+    return validated_from_dict(cls, d, 'config.model.moe')
 
   def validate(self) -> None:
     for name in ('num_experts', 'top_k', 'expert_mlp_dim'):

@@ -34,6 +34,7 @@ DEFAULT_RULES = (
     ('kv_heads', None),
     ('head_dim', None),
     ('layers', None),
+    ('expert', None),       # MoE expert weights; an expert-parallel mesh axis maps it later.
 )
 
 
