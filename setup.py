@@ -25,6 +25,6 @@ setup(
                  'ipykernel>=6.29'],
         'tpu': ['jax[tpu]'],
         'cuda': ['jax[cuda12]'],
-        'hf': ['torch', 'transformers>=4.45', 'safetensors'],
+        'hf': ['torch>=2.4', 'transformers>=4.45', 'safetensors'],
     },
 )

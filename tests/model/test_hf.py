@@ -1,0 +1,148 @@
+"""Logit parity with Hugging Face transformers for tiny random Llama/Mistral/Gemma 1/2/3 models."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+from model import hf, transformer  # noqa: E402
+
+B, T, PREFILL, TOL = 2, 12, 6, 1e-4
+COMMON = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, intermediate_size=128, max_position_embeddings=64, pad_token_id=0,
+              bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6, initializer_range=0.15,
+              attn_implementation='eager')
+LLAMA3 = {'rope_type': 'llama3', 'rope_theta': 10_000.0, 'factor': 8.0, 'low_freq_factor': 1.0,
+          'high_freq_factor': 4.0, 'original_max_position_embeddings': 32}
+
+FAMILIES = {
+    'llama': lambda: transformers.LlamaConfig(num_hidden_layers=2, **COMMON),
+    'llama3_rope': lambda: transformers.LlamaConfig(num_hidden_layers=2, rope_parameters=LLAMA3,
+                                                    **COMMON),
+    'mistral': lambda: transformers.MistralConfig(num_hidden_layers=2, sliding_window=4, **COMMON),
+    'gemma': lambda: transformers.GemmaConfig(num_hidden_layers=2, **COMMON),
+    'gemma2': lambda: transformers.Gemma2Config(num_hidden_layers=4, sliding_window=4,
+                                                query_pre_attn_scalar=24,
+                                                attn_logit_softcapping=5.0,
+                                                final_logit_softcapping=3.0, **COMMON),
+    'gemma3_text': lambda: transformers.Gemma3TextConfig(
+        num_hidden_layers=6, sliding_window=4, query_pre_attn_scalar=16,
+        rope_parameters={'sliding_attention': {'rope_type': 'default', 'rope_theta': 10_000.0},
+                         'full_attention': {'rope_type': 'default', 'rope_theta': 1_000_000.0}},
+        **COMMON),
+}
+
+_CACHE = {}
+
+
+def _randomise_norms(model):
+  """HF inits norm gains to 0 (Gemma) or 1: perturb them so a mapped-wrong norm is caught."""
+  g = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim == 1:
+        p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def _hf_model(name):
+  if name not in _CACHE:
+    torch.manual_seed(0)
+    hf_cfg = FAMILIES[name]()
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation='eager')
+    model = model.float().eval()
+    _randomise_norms(model)
+    tokens = np.random.default_rng(0).integers(3, hf_cfg.vocab_size, (B, T))
+    with torch.no_grad():
+      logits = model(torch.as_tensor(tokens)).logits.float().numpy()
+    sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    _CACHE[name] = (hf_cfg, sd, tokens, logits)
+  return _CACHE[name]
+
+
+def _palmax_fn(name):
+  hf_cfg, sd, _, _ = _hf_model(name)
+  cfg = hf.config_from_hf(hf_cfg)
+  params = jax.tree.map(jnp.asarray, hf.params_from_hf(sd, cfg))
+  graphdef, _ = nnx.split(transformer.abstract(cfg))
+
+  @jax.jit
+  def f(params, tokens, cache=None, index=0):
+    return nnx.merge(graphdef, params)(tokens, cache, index)
+
+  return cfg, lambda tokens, cache=None, index=0: f(params, tokens, cache, index)
+
+
+@pytest.mark.parametrize('name', list(FAMILIES))
+def test_logits_match_hf_full_and_cached(name):
+  _, _, tokens, want = _hf_model(name)
+  cfg, f = _palmax_fn(name)
+  toks = jnp.asarray(tokens, jnp.int32)
+  got, _ = f(toks)
+  full_err = float(np.max(np.abs(np.asarray(got) - want)))
+
+  cache = transformer.init_cache(cfg, B, T)
+  steps = []
+  logits, cache = f(toks[:, :PREFILL], cache, 0)
+  steps.append(logits)
+  for i in range(PREFILL, T):
+    logits, cache = f(toks[:, i:i + 1], cache, i)
+    steps.append(logits)
+  cached_err = float(np.max(np.abs(np.concatenate([np.asarray(s) for s in steps], 1) - want)))
+  print(f'\n[hf parity] {name}: max|dlogits| full={full_err:.2e} cached={cached_err:.2e} '
+        f'(logit scale {np.abs(want).max():.2f})')
+  assert full_err < TOL, (name, full_err)
+  assert cached_err < TOL, (name, cached_err)
+
+
+def test_config_mapping_details():
+  c = hf.config_from_hf(FAMILIES['gemma2']())
+  assert (c.layer_pattern, c.sliding_window, c.query_scale_dim) == ('LG', 4, 24)
+  assert (c.attn_softcap, c.logit_softcap, c.post_norms, c.qk_norm) == (5.0, 3.0, True, False)
+  assert c.activation == 'geglu' and c.norm_offset_one and c.scale_embeddings and c.tie_embeddings
+  c = hf.config_from_hf(FAMILIES['gemma3_text']())
+  assert (c.layer_pattern, c.qk_norm, c.rope_base, c.rope_base_local) == ('LLLLLG', True, 1e6, 1e4)
+  assert c.query_scale_dim == 0  # query_pre_attn_scalar == head_dim.
+  c = hf.config_from_hf(FAMILIES['mistral']())
+  assert (c.layer_pattern, c.sliding_window) == ('L', 4)
+  c = hf.config_from_hf(FAMILIES['llama3_rope']())
+  assert (c.rope_scaling, c.rope_scaling_factor, c.rope_original_max_len) == ('llama3', 8.0, 32)
+  assert c.activation == 'swiglu' and not c.tie_embeddings and not c.norm_offset_one
+
+
+def test_config_errors_name_the_problem():
+  with pytest.raises(ValueError, match='gpt2'):
+    hf.config_from_hf(transformers.GPT2Config())
+  with pytest.raises(ValueError, match='attention_bias'):
+    hf.config_from_hf(transformers.LlamaConfig(attention_bias=True, **COMMON))
+  with pytest.raises(ValueError, match='rope_type'):
+    hf.config_from_hf(transformers.LlamaConfig(
+        rope_parameters={'rope_type': 'linear', 'rope_theta': 1e4, 'factor': 2.0}, **COMMON))
+  with pytest.raises(ValueError, match='hidden_act'):
+    hf.config_from_hf(transformers.LlamaConfig(hidden_act='relu', **COMMON))
+
+
+@pytest.mark.parametrize('name', ['llama', 'gemma2', 'gemma3_text'])
+def test_round_trip_is_bit_identical(name):
+  hf_cfg, sd, _, _ = _hf_model(name)
+  cfg = hf.config_from_hf(hf_cfg)
+  back = hf.params_to_hf(hf.params_from_hf(sd, cfg), cfg)
+  assert sorted(back) == sorted(sd)
+  for k in sd:
+    assert back[k].dtype == sd[k].dtype and back[k].shape == sd[k].shape, k
+    assert np.array_equal(back[k], sd[k]), k
+
+
+def test_missing_and_misshapen_tensors_are_named():
+  hf_cfg, sd, _, _ = _hf_model('llama')
+  cfg = hf.config_from_hf(hf_cfg)
+  bad = dict(sd)
+  del bad['model.layers.1.mlp.up_proj.weight']
+  with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    hf.params_from_hf(bad, cfg)
+  bad = dict(sd)
+  bad['model.layers.0.self_attn.k_proj.weight'] = np.zeros((16, 64), np.float32)
+  with pytest.raises(ValueError, match=r"k_proj\.weight.*\(16, 64\).*expected \(32, 64\)"):
+    hf.params_from_hf(bad, cfg)
