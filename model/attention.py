@@ -22,8 +22,9 @@ KVCache = dict  # {'k': [B, S, K, H], 'v': [B, S, K, H]} for one layer.
 class Attention(nnx.Module):
   """x_BTD -> y_BTD. With `cache`, writes this step's K/V at `index` and attends to the cache.
 
-  `window` > 0 makes the layer local (sliding window; Mistral, Gemma 2/3) and `rope_base`
-  overrides cfg.rope_base; both may be traced per-layer scalars from the scanned stack.
+  `window` > 0 makes the layer local (sliding window; Mistral, Gemma 2/3), `rope_base`
+  overrides cfg.rope_base and `rope_scaled` says whether cfg.rope_scaling applies (global
+  layers); all may be traced per-layer scalars from the scanned stack.
   """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -40,7 +41,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
                cache: KVCache | None = None, index: jax.Array | int = 0,
-               window: jax.Array | int = 0, rope_base: jax.Array | float | None = None):
+               window: jax.Array | int = 0, rope_base: jax.Array | float | None = None,
+               rope_scaled: jax.Array | bool = True):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     q_BTNH = matmul('btd,dnh->btnh', x_BTD, self.w_q[...], dtype)
@@ -48,7 +50,8 @@ class Attention(nnx.Module):
     v_BTKH = matmul('btd,dkh->btkh', x_BTD, self.w_v[...], dtype)
     if cfg.qk_norm:
       q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
-    inv_freq_K = rope_inv_freq(cfg.head_dim, cfg.rope_base if rope_base is None else rope_base, cfg)
+    inv_freq_K = rope_inv_freq(cfg.head_dim, cfg.rope_base if rope_base is None else rope_base, cfg,
+                               rope_scaled)
     q_BTNH = rope(q_BTNH, positions_BT, inv_freq_K)
     k_BTKH = rope(k_BTKH, positions_BT, inv_freq_K)
     q_BTNH = q_BTNH * jnp.asarray((cfg.query_scale_dim or cfg.head_dim) ** -0.5, dtype)

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 ACTIVATIONS = ('swiglu', 'geglu', 'gelu')
 BLOCKS = ('serial', 'parallel')
 REMAT_POLICIES = ('none', 'full', 'dots')
-ROPE_SCALINGS = ('none', 'llama3')
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
 DTYPES = ('float32', 'bfloat16')
 
 
@@ -59,7 +59,9 @@ class ModelConfig:
   layer_pattern: str = 'G'
   sliding_window: int = 0        # Keys within this many positions (incl. self) on local layers.
   rope_base_local: float = 0.0   # RoPE base on local layers; 0 = rope_base (Gemma 3: 10k local, 1M global).
-  rope_scaling: str = 'none'     # none | llama3 (frequency-dependent context extension, Llama 3.1).
+  # Context extension on global layers (local layers keep the plain base): none | linear
+  # (positions / factor, Gemma 3 4B+) | llama3 (frequency-dependent, Llama 3.1).
+  rope_scaling: str = 'none'
   rope_scaling_factor: float = 8.0
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0

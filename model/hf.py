@@ -49,26 +49,24 @@ def _rope(c: Mapping[str, Any], model_type: str) -> dict:
 
 
 def _rope_fields(rope: dict, has_local: bool) -> dict:
+  """palmax RoPE fields. Scaling applies to global layers; local layers must be unscaled
+  (Gemma 3: linear factor 8 on global layers only, plain base on local ones)."""
   glob, loc = rope['global'], rope['local']
   out = {'rope_base': float(glob['rope_theta'])}
-  kinds = [glob] + ([loc] if has_local else [])
-  types = {d['rope_type'] for d in kinds}
-  if len(types) > 1:
-    raise ValueError(f'rope_parameters: different rope_type per layer type ({sorted(types)}) is not '
-                     'representable in palmax (one rope_scaling for all layers)')
-  (rtype,) = types
+  rtype = glob['rope_type']
+  if has_local and loc['rope_type'] != 'default' and loc != glob:
+    raise ValueError(f"rope_parameters: local layers use rope_type={loc['rope_type']!r}; palmax "
+                     'scales RoPE on global layers only')
   if rtype == 'llama3':
-    keys = ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
-    vals = [tuple(d[k] for k in keys) for d in kinds]
-    if len(set(vals)) > 1:
-      raise ValueError('rope_parameters: llama3 scaling differs between layer types')
     out.update(rope_scaling='llama3', rope_scaling_factor=float(glob['factor']),
                rope_low_freq_factor=float(glob['low_freq_factor']),
                rope_high_freq_factor=float(glob['high_freq_factor']),
                rope_original_max_len=int(glob['original_max_position_embeddings']))
+  elif rtype == 'linear':
+    out.update(rope_scaling='linear', rope_scaling_factor=float(glob['factor']))
   elif rtype != 'default':
     raise ValueError(f'rope_parameters.rope_type={rtype!r} is not supported by palmax '
-                     "(only 'default' and 'llama3')")
+                     "(only 'default', 'linear' and 'llama3')")
   if has_local and float(loc['rope_theta']) != out['rope_base']:
     out['rope_base_local'] = float(loc['rope_theta'])
   return out

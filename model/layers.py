@@ -93,22 +93,28 @@ class Embedder(nnx.Module):
     return sharding.constrain(logits_BTV, ('batch', 'length', 'act_vocab'))
 
 
-def rope_inv_freq(head_dim: int, base, cfg: ModelConfig) -> jax.Array:
-  """Rotation frequencies [H/2]: base^(-2i/H), optionally rescaled as in Llama 3.1.
+def rope_inv_freq(head_dim: int, base, cfg: ModelConfig, scaled=True) -> jax.Array:
+  """Rotation frequencies [H/2]: base^(-2i/H), rescaled by cfg.rope_scaling where `scaled`.
 
-  Llama 3.1 context extension: wavelengths longer than original_len / low_freq_factor are
-  divided by `factor`, shorter than original_len / high_freq_factor kept, and those between
-  interpolated smoothly. `base` may be a traced scalar (per-layer bases in the scanned stack).
+  linear: every frequency / factor (position interpolation). llama3 (Llama 3.1): wavelengths
+  longer than original_len / low_freq_factor are divided by `factor`, shorter than
+  original_len / high_freq_factor kept, and those between interpolated smoothly. `base` and
+  `scaled` may be traced per-layer values from the scanned stack.
   """
   inv_freq_K = base ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)
-  if cfg.rope_scaling == 'llama3':
-    factor, lo, hi = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  factor = cfg.rope_scaling_factor
+  if cfg.rope_scaling == 'linear':
+    rescaled_K = inv_freq_K / factor
+  elif cfg.rope_scaling == 'llama3':
+    lo, hi, orig = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
     wavelen_K = 2 * jnp.pi / inv_freq_K
-    smooth_K = (cfg.rope_original_max_len / wavelen_K - lo) / (hi - lo)
+    smooth_K = (orig / wavelen_K - lo) / (hi - lo)
     mid_K = (1 - smooth_K) * inv_freq_K / factor + smooth_K * inv_freq_K
-    inv_freq_K = jnp.where(wavelen_K > cfg.rope_original_max_len / lo, inv_freq_K / factor,
-                           jnp.where(wavelen_K < cfg.rope_original_max_len / hi, inv_freq_K, mid_K))
-  return inv_freq_K
+    rescaled_K = jnp.where(wavelen_K > orig / lo, inv_freq_K / factor,
+                           jnp.where(wavelen_K < orig / hi, inv_freq_K, mid_K))
+  else:
+    return inv_freq_K
+  return jnp.where(scaled, rescaled_K, inv_freq_K)
 
 
 def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_K: jax.Array) -> jax.Array:

@@ -37,11 +37,12 @@ class Block(nnx.Module):
       self.post_attn_norm = RMSNorm(cfg, rngs)
       self.post_mlp_norm = RMSNorm(cfg, rngs)
 
-  def __call__(self, x_BTD, positions_BT, cache=None, index=0, window=0, rope_base=None):
+  def __call__(self, x_BTD, positions_BT, cache=None, index=0, window=0, rope_base=None,
+               rope_scaled=True):
     post_attn = self.post_attn_norm if self.post_norms else (lambda y: y)
     post_mlp = self.post_mlp_norm if self.post_norms else (lambda y: y)
     h_BTD = self.attn_norm(x_BTD)
-    a_BTD, cache = self.attn(h_BTD, positions_BT, cache, index, window, rope_base)
+    a_BTD, cache = self.attn(h_BTD, positions_BT, cache, index, window, rope_base, rope_scaled)
     if self.parallel:
       x_BTD = x_BTD + post_attn(a_BTD) + post_mlp(self.mlp(h_BTD))
     else:
@@ -76,21 +77,23 @@ class Decoder(nnx.Module):
     positions_BT = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
     x_BTD = self.embedder.encode(tokens_BT)
 
-    # Per-layer attention span and RoPE base ride along the scan as [L] arrays.
+    # Per-layer attention span, RoPE base and RoPE scaling ride along the scan as [L] arrays.
     cfg = self.cfg
     kinds = cfg.layer_kinds()
     window_L = jnp.asarray([cfg.sliding_window if k == 'L' else 0 for k in kinds], jnp.int32)
     base_L = jnp.asarray([cfg.rope_base_local or cfg.rope_base if k == 'L' else cfg.rope_base
                           for k in kinds], jnp.float32)
 
-    def body(x_BTD, block, layer_cache, window, rope_base):
-      return block(x_BTD, positions_BT, layer_cache, index, window, rope_base)
+    scaled_L = jnp.asarray([k == 'G' for k in kinds])  # RoPE scaling is for global layers.
+
+    def body(x_BTD, block, layer_cache, window, rope_base, rope_scaled):
+      return block(x_BTD, positions_BT, layer_cache, index, window, rope_base, rope_scaled)
 
     if self.cfg.remat != 'none':
       body = nnx.remat(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
     # A None cache has no leaves, so axis 0 is harmless in the training forward.
-    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0))
-    x_BTD, cache = scan(x_BTD, self.blocks, cache, window_L, base_L)
+    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0, 0, 0), out_axes=(nnx.Carry, 0))
+    x_BTD, cache = scan(x_BTD, self.blocks, cache, window_L, base_L, scaled_L)
     return self.embedder.decode(self.final_norm(x_BTD)), cache
 
 

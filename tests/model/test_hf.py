@@ -33,6 +33,13 @@ FAMILIES = {
         rope_parameters={'sliding_attention': {'rope_type': 'default', 'rope_theta': 10_000.0},
                          'full_attention': {'rope_type': 'default', 'rope_theta': 1_000_000.0}},
         **COMMON),
+    # Gemma 3 4B+: linear position interpolation (factor 8) on global layers only.
+    'gemma3_linear_rope': lambda: transformers.Gemma3TextConfig(
+        num_hidden_layers=6, sliding_window=4, query_pre_attn_scalar=16,
+        rope_parameters={'sliding_attention': {'rope_type': 'default', 'rope_theta': 10_000.0},
+                         'full_attention': {'rope_type': 'linear', 'factor': 8.0,
+                                            'rope_theta': 1_000_000.0}},
+        **COMMON),
 }
 
 _CACHE = {}
@@ -119,7 +126,7 @@ def test_config_errors_name_the_problem():
     hf.config_from_hf(transformers.LlamaConfig(attention_bias=True, **COMMON))
   with pytest.raises(ValueError, match='rope_type'):
     hf.config_from_hf(transformers.LlamaConfig(
-        rope_parameters={'rope_type': 'linear', 'rope_theta': 1e4, 'factor': 2.0}, **COMMON))
+        rope_parameters={'rope_type': 'dynamic', 'rope_theta': 1e4, 'factor': 2.0}, **COMMON))
   with pytest.raises(ValueError, match='hidden_act'):
     hf.config_from_hf(transformers.LlamaConfig(hidden_act='relu', **COMMON))
 

@@ -18,8 +18,9 @@ VARIANTS = {
                         post_norms=True, attn_softcap=5.0, logit_softcap=30.0, layer_pattern='LG',
                         sliding_window=4, query_scale_dim=12),
     'gemma3_like': dict(num_layers=3, num_kv_heads=1, qk_norm=True, post_norms=True,
-                        layer_pattern='LLG', sliding_window=3, rope_base=1e6, rope_base_local=1e4),
-    'mistral_llama3_like': dict(tie_embeddings=False, layer_pattern='L', sliding_window=5,
+                        layer_pattern='LLG', sliding_window=3, rope_base=1e6, rope_base_local=1e4,
+                        rope_scaling='linear', rope_scaling_factor=8.0),
+    'mistral_llama3_like': dict(tie_embeddings=False, layer_pattern='LG', sliding_window=5,
                                 rope_scaling='llama3', rope_original_max_len=16, rope_base=500.0),
 }
 
