@@ -123,10 +123,3 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   mesh, rules = _ACTIVE[-1]
   spec = logical_to_spec(names, rules, x.shape, mesh)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
-def tree_shardings(spec_tree, shape_tree, mesh: Mesh, rules: dict[str, tuple[str, ...]]):
-  """NamedShardings for a pytree of logical-name tuples (leaves) and matching shapes."""
-  return jax.tree.map(
-      lambda names, s: NamedSharding(mesh, logical_to_spec(tuple(names), rules, s.shape, mesh)),
-      spec_tree, shape_tree, is_leaf=lambda t: isinstance(t, P) or isinstance(t, tuple))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -29,9 +28,6 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
-
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, record: dict, force: bool = False) -> bool:
     return self._manager.save(
@@ -80,7 +76,3 @@ def _compare(key: str, have: Any, want: Any, directory: str, step: int) -> None:
     raise CheckpointMismatchError(
         f'checkpoint {directory} (step {step}) has {key}={have!r}, but this run has {want!r}; '
         f'use a new --workdir or the original config')
-
-
-def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
