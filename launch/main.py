@@ -21,6 +21,10 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for multi-host jax.distributed.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index in a multi-host run.')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'flags', ['flags', 'auto'],
+    "'flags': call jax.distributed.initialize only when --coordinator_address/--num_processes are "
+    "given; 'auto': always call it and let JAX detect the cluster (Cloud TPU VM slices, SLURM).")
 
 # Errors that are the user's to fix: print the message, not a traceback.
 from launch.errors import USER_ERRORS, fail  # noqa: E402
@@ -30,7 +34,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Keep orbax/absl INFO chatter off the console.
   import jax
-  if _COORDINATOR.value or _NUM_PROCESSES.value:
+  if _DISTRIBUTED.value == 'auto' or _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from launch import workdir as workdir_lib
   from train import trainer

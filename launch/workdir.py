@@ -33,7 +33,7 @@ def load_model(workdir: str, step: int | None = None):
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint in {ckpt.directory}: train first')
-  state, _ = ckpt.restore(spec.abstract_state, step=step, expect={'model': model_cfg.__dict__})
+  state, _ = ckpt.restore(spec.abstract_state, step=step, expect={'model': model_cfg.to_dict()})
   ckpt.close()
   tokenizer = Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
   return cfg, model_cfg, spec.graphdef, state['params'], tokenizer

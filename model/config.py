@@ -7,6 +7,7 @@ Every architectural choice is a value here, so a model family is a config, never
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 ACTIVATIONS = ('swiglu', 'geglu', 'gelu')
@@ -30,6 +31,79 @@ def validated_from_dict(cls, d: Mapping[str, Any], where: str):
   cfg = cls(**d)
   cfg.validate()
   return cfg
+
+
+GATINGS = ('softmax_topk', 'topk_softmax', 'sigmoid')
+DISPATCHES = ('capacity', 'dropless')
+CAPACITY_GROUPS = ('batch', 'sequence')
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Sparse MoE layer. Field names are the `cfg.model.moe.*` keys."""
+  num_experts: int = 8
+  top_k: int = 2
+  expert_mlp_dim: int = 1024      # F, per branch for gated activations.
+  # softmax_topk: softmax over all E, then top-k (GShard/Switch); topk_softmax: softmax over the
+  # kept k logits (Mixtral); sigmoid: DeepSeek-V3.
+  gating: str = 'softmax_topk'
+  renormalize: bool = False       # softmax_topk only: rescale the kept k probabilities to sum 1.
+  num_shared_experts: int = 0     # Always-on experts, each of width F (DeepSeekMoE).
+  dispatch: str = 'capacity'      # capacity (drop overflow) | dropless (ragged_dot, MegaBlocks).
+  capacity_factor: float = 1.25   # C = ceil(S * k / E * capacity_factor), S tokens per group.
+  capacity_group: str = 'batch'   # batch: one group of B*T tokens; sequence: one group per row.
+  aux_loss_coef: float = 1e-2     # Switch alpha.
+  router_z_loss_coef: float = 1e-3  # ST-MoE c_z.
+  bias_update_rate: float = 0.0   # DeepSeek-V3 gamma (1e-3 in the paper); 0 = off.
+  router_init_scale: float = 0.1  # Switch: router weights at 0.1x the fan-in variance.
+  # Which layers are MoE: after `first_dense_layers` dense ones (DeepSeek-V3: 3), every
+  # `interval`-th layer (1: all, Mixtral; 2: every other, GShard/GLaM), ending each group of
+  # `interval` layers.
+  interval: int = 1
+  first_dense_layers: int = 0
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'MoEConfig':
+    return validated_from_dict(cls, d, 'config.model.moe')
+
+  def validate(self) -> None:
+    for name in ('num_experts', 'top_k', 'expert_mlp_dim', 'interval'):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(f'config.model.moe.{name} must be a positive int, got {v!r}')
+    for name in ('num_shared_experts', 'first_dense_layers'):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ConfigError(f'config.model.moe.{name} must be an int >= 0, got {v!r}')
+    if self.top_k > self.num_experts:
+      raise ConfigError(f'config.model.moe.top_k={self.top_k} must be <= '
+                        f'config.model.moe.num_experts={self.num_experts}')
+    for name, allowed in (('gating', GATINGS), ('dispatch', DISPATCHES),
+                          ('capacity_group', CAPACITY_GROUPS)):
+      if getattr(self, name) not in allowed:
+        raise ConfigError(f'config.model.moe.{name}={getattr(self, name)!r}; expected one of {allowed}')
+    if not isinstance(self.renormalize, bool):
+      raise ConfigError(f'config.model.moe.renormalize must be a bool, got {self.renormalize!r}')
+    if not self.capacity_factor > 0:
+      raise ConfigError(f'config.model.moe.capacity_factor={self.capacity_factor} must be > 0')
+    for name in ('aux_loss_coef', 'router_z_loss_coef', 'bias_update_rate', 'router_init_scale'):
+      v = getattr(self, name)
+      if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+        raise ConfigError(f'config.model.moe.{name} must be a number >= 0, got {v!r}')
+
+  def capacity(self, tokens_per_group: int) -> int:
+    """C = ceil(S*k/E * capacity_factor), capped at S (an expert gets at most one slot per token)."""
+    c = math.ceil(tokens_per_group * self.top_k / self.num_experts * self.capacity_factor)
+    return max(1, min(c, tokens_per_group))
+
+  def layer_param_counts(self, d_model: int, gated: bool) -> tuple[int, int]:
+    """(total, active per token) parameters of one MoE FFN: routed + shared experts + router.
+    The router bias is a buffer, not a parameter."""
+    per_expert = d_model * self.expert_mlp_dim * (3 if gated else 2)
+    router = d_model * self.num_experts
+    shared = self.num_shared_experts * per_expert
+    return (self.num_experts * per_expert + shared + router,
+            self.top_k * per_expert + shared + router)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +144,18 @@ class ModelConfig:
   remat: str = 'none'            # none | full | dots (save matmul outputs only).
   dtype: str = 'float32'         # Compute dtype; parameters stay float32.
   param_dtype: str = 'float32'
+  moe: MoEConfig | None = None   # Sparse MoE FFN on the layers it selects; None = all dense.
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'ModelConfig':
+    d = dict(d)
+    if isinstance(d.get('moe'), Mapping):
+      d['moe'] = MoEConfig.from_dict(d['moe'])
     return validated_from_dict(cls, d, 'config.model')
+
+  def to_dict(self) -> dict[str, Any]:
+    """Plain nested dict (JSON-able; `from_dict` inverts it)."""
+    return dataclasses.asdict(self)
 
   def validate(self) -> None:
     for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
@@ -106,6 +188,15 @@ class ModelConfig:
       raise ConfigError(f'config.model.rope_base={self.rope_base} must be > 1')
     if self.logit_softcap < 0:
       raise ConfigError(f'config.model.logit_softcap={self.logit_softcap} must be >= 0 (0 = off)')
+    if self.moe is not None:
+      if not isinstance(self.moe, MoEConfig):
+        raise ConfigError(f'config.model.moe must be a mapping of MoE settings or None, got {self.moe!r}')
+      self.moe.validate()
+      m = self.moe
+      if m.first_dense_layers > self.num_layers or (self.num_layers - m.first_dense_layers) % m.interval:
+        raise ConfigError(
+            f'config.model.num_layers={self.num_layers} minus config.model.moe.first_dense_layers='
+            f'{m.first_dense_layers} must be divisible by config.model.moe.interval={m.interval}')
 
   @property
   def gated(self) -> bool:
@@ -116,28 +207,64 @@ class ModelConfig:
     p = self.layer_pattern
     return ''.join(p[i % len(p)] for i in range(self.num_layers))
 
+  def ffn_kinds(self) -> str:
+    """'D' (dense MLP) or 'M' (MoE) for each layer."""
+    return ''.join(kind for repeats, unit in self.layer_groups() for kind in unit * repeats)
+
+  def layer_slots(self) -> list[tuple[str, str, int]]:
+    """Where each layer's parameters live: (stack name, block name, repeat index) in depth order;
+    e.g. layer i of a dense model is ('stack0', 'block0', i)."""
+    slots = []
+    for j, (repeats, unit) in enumerate(self.layer_groups()):
+      slots += [(f'stack{j}', f'block{p}', r) for r in range(repeats) for p in range(len(unit))]
+    return slots
+
+  def layer_groups(self) -> tuple[tuple[int, str], ...]:
+    """The depth as scanned groups: ((repeats, unit), ...), each unit a string of FFN kinds.
+
+    A scan needs identical layers, so a dense model is one group (L, 'D'); Mixtral is (L, 'M');
+    MoE every 2nd layer is (L/2, 'DM'); DeepSeek-V3 is (3, 'D'), (58, 'M').
+    """
+    if self.moe is None:
+      return ((self.num_layers, 'D'),)
+    n_dense, k = self.moe.first_dense_layers, self.moe.interval
+    groups = ((n_dense, 'D'), ((self.num_layers - n_dense) // k, 'D' * (k - 1) + 'M'))
+    return tuple(g for g in groups if g[0] > 0)
+
   # ---- Counting (closed form; tests check it against the built model) -------------------------
 
-  def layer_param_count(self) -> int:
+  def layer_param_count(self, kind: str = 'D', active: bool = False) -> int:
+    """Parameters of one layer with a dense ('D') or MoE ('M') FFN; `active`: per token."""
     d, h = self.d_model, self.head_dim
     attn = d * self.num_heads * h * 2 + d * self.num_kv_heads * h * 2   # q, o; k, v
-    mlp = d * self.mlp_dim * (3 if self.gated else 2)
+    if kind == 'M':
+      ffn = self.moe.layer_param_counts(d, self.gated)[1 if active else 0]
+    else:
+      ffn = d * self.mlp_dim * (3 if self.gated else 2)
     norms = d * ((1 if self.block == 'parallel' else 2) + (2 if self.post_norms else 0))
     norms += 2 * h if self.qk_norm else 0
-    return attn + mlp + norms
+    return attn + ffn + norms
 
   def embedding_param_count(self) -> int:
     return self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
 
   def param_count(self) -> int:
     """All parameters: embeddings, layers and the final norm."""
-    return self.embedding_param_count() + self.num_layers * self.layer_param_count() + self.d_model
+    layers = sum(self.layer_param_count(kind) for kind in self.ffn_kinds())
+    return self.embedding_param_count() + layers + self.d_model
+
+  def active_param_count(self) -> int:
+    """Parameters one token uses: the MoE layers count top_k routed experts (+ shared + router)
+    instead of all of them (Mixtral 8x7B: 12.9B of 46.7B). Equals `param_count` when dense."""
+    layers = sum(self.layer_param_count(kind, active=True) for kind in self.ffn_kinds())
+    return self.embedding_param_count() + layers + self.d_model
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token, PaLM (Chowdhery et al. 2022, App. B): 6N + 12·L·H·Q·T.
 
-    N is every parameter, as in PaLM, except an untied input table: a lookup costs no FLOPs.
-    Attention is counted at full length T without causal halving, as in the paper.
+    N is every *active* parameter (MoE: the experts a token is routed to), as in PaLM, except an
+    untied input table: a lookup costs no FLOPs. Attention is counted at full length T without
+    causal halving, as in the paper.
     """
-    n = self.param_count() - (0 if self.tie_embeddings else self.vocab_size * self.d_model)
+    n = self.active_param_count() - (0 if self.tie_embeddings else self.vocab_size * self.d_model)
     return 6.0 * n + 12.0 * self.num_layers * self.num_heads * self.head_dim * seq_len

@@ -173,7 +173,7 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
 # ---- Weights ---------------------------------------------------------------------------------
 
 def _layer_map(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str]]:
-  """(palmax path under 'blocks', HF name under 'model.layers.{i}.') for every per-layer tensor."""
+  """(palmax path under 'stack{j}.block{p}', HF name under 'model.layers.{i}.') for every per-layer tensor."""
   m = [(('attn', 'w_q'), 'self_attn.q_proj.weight'), (('attn', 'w_k'), 'self_attn.k_proj.weight'),
        (('attn', 'w_v'), 'self_attn.v_proj.weight'), (('attn', 'w_o'), 'self_attn.o_proj.weight'),
        (('mlp', 'w_gate'), 'mlp.gate_proj.weight'), (('mlp', 'w_down'), 'mlp.down_proj.weight'),
@@ -272,18 +272,27 @@ def params_from_hf(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict:
 
   v, d = cfg.vocab_size, cfg.d_model
   params: dict = {'embedder': {'embedding': take('model.embed_tokens.weight', (v, d))},
-                  'final_norm': {'scale': take('model.norm.weight', (d,))}, 'blocks': {}}
+                  'final_norm': {'scale': take('model.norm.weight', (d,))}}
   if not cfg.tie_embeddings:
     params['embedder']['unembedding'] = take('lm_head.weight', (v, d)).T
-  for path, hf_name in _layer_map(cfg):
-    shape = _hf_shape(path, cfg)
-    stacked = np.stack([_from_hf_layer(path, take(f'model.layers.{i}.{hf_name}', shape), cfg)
-                        for i in range(cfg.num_layers)])
-    node = params['blocks']
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = stacked
+  for (stack, block), layers in _blocks(cfg).items():
+    for path, hf_name in _layer_map(cfg):
+      shape = _hf_shape(path, cfg)
+      stacked = np.stack([_from_hf_layer(path, take(f'model.layers.{i}.{hf_name}', shape), cfg)
+                          for i in layers])
+      node = params.setdefault(stack, {}).setdefault(block, {})
+      for p in path[:-1]:
+        node = node.setdefault(p, {})
+      node[path[-1]] = stacked
   return params
+
+
+def _blocks(cfg: ModelConfig) -> dict[tuple[str, str], list[int]]:
+  """(stack, block) -> the HF layer indices stacked there, in repeat order."""
+  out: dict[tuple[str, str], list[int]] = {}
+  for i, (stack, block, _) in enumerate(cfg.layer_slots()):
+    out.setdefault((stack, block), []).append(i)
+  return out
 
 
 def params_to_hf(params: Mapping[str, Any], cfg: ModelConfig,
@@ -298,13 +307,15 @@ def params_to_hf(params: Mapping[str, Any], cfg: ModelConfig,
 
   emb = arr(params['embedder']['embedding'])
   out = {'model.embed_tokens.weight': emb}
-  for path, hf_name in _layer_map(cfg):
-    node = params['blocks']
-    for p in path:
-      node = node[p]
-    stacked = arr(node)
-    for i in range(cfg.num_layers):
-      out[f'model.layers.{i}.{hf_name}'] = np.ascontiguousarray(_to_hf_layer(path, stacked[i], cfg))
+  for (stack, block), layers in _blocks(cfg).items():
+    for path, hf_name in _layer_map(cfg):
+      node = params[stack][block]
+      for p in path:
+        node = node[p]
+      stacked = arr(node)
+      for r, i in enumerate(layers):
+        out[f'model.layers.{i}.{hf_name}'] = np.ascontiguousarray(
+            _to_hf_layer(path, stacked[r], cfg))
   out['model.norm.weight'] = arr(params['final_norm']['scale'])
   if not cfg.tie_embeddings:
     out['lm_head.weight'] = np.ascontiguousarray(arr(params['embedder']['unembedding']).T)

@@ -17,87 +17,14 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from model import sharding
-from model.config import ConfigError, ModelConfig, validated_from_dict
+from model.config import GATINGS, MoEConfig, ModelConfig  # noqa: F401  (re-exported)
 from model.layers import _ACTIVATION_FNS, MLP, matmul, param
-
-GATINGS = ('softmax_topk', 'topk_softmax', 'sigmoid')
-DISPATCHES = ('capacity', 'dropless')
-CAPACITY_GROUPS = ('batch', 'sequence')
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEConfig:
-  """Sparse MoE layer. Field names are the `cfg.model.moe.*` keys."""
-  num_experts: int = 8
-  top_k: int = 2
-  expert_mlp_dim: int = 1024      # F, per branch for gated activations.
-  # softmax_topk: softmax over all E, then top-k (GShard/Switch); topk_softmax: softmax over the
-  # kept k logits (Mixtral); sigmoid: DeepSeek-V3.
-  gating: str = 'softmax_topk'
-  renormalize: bool = False       # softmax_topk only: rescale the kept k probabilities to sum 1.
-  num_shared_experts: int = 0     # Always-on experts, each of width F (DeepSeekMoE).
-  dispatch: str = 'capacity'      # capacity (drop overflow) | dropless (ragged_dot, MegaBlocks).
-  capacity_factor: float = 1.25   # C = ceil(S * k / E * capacity_factor), S tokens per group.
-  capacity_group: str = 'batch'   # batch: one group of B*T tokens; sequence: one group per row.
-  aux_loss_coef: float = 1e-2     # Switch alpha.
-  router_z_loss_coef: float = 1e-3  # ST-MoE c_z.
-  bias_update_rate: float = 0.0   # DeepSeek-V3 gamma (1e-3 in the paper); 0 = off.
-  router_init_scale: float = 0.1  # Switch: router weights at 0.1x the fan-in variance.
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> 'MoEConfig':
-    return validated_from_dict(cls, d, 'config.model.moe')
-
-  def validate(self) -> None:
-    for name in ('num_experts', 'top_k', 'expert_mlp_dim'):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise ConfigError(f'config.model.moe.{name} must be a positive int, got {v!r}')
-    v = self.num_shared_experts
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-      raise ConfigError(f'config.model.moe.num_shared_experts must be an int >= 0, got {v!r}')
-    if self.top_k > self.num_experts:
-      raise ConfigError(f'config.model.moe.top_k={self.top_k} must be <= '
-                        f'config.model.moe.num_experts={self.num_experts}')
-    for name, allowed in (('gating', GATINGS), ('dispatch', DISPATCHES),
-                          ('capacity_group', CAPACITY_GROUPS)):
-      if getattr(self, name) not in allowed:
-        raise ConfigError(f'config.model.moe.{name}={getattr(self, name)!r}; expected one of {allowed}')
-    if not isinstance(self.renormalize, bool):
-      raise ConfigError(f'config.model.moe.renormalize must be a bool, got {self.renormalize!r}')
-    if not self.capacity_factor > 0:
-      raise ConfigError(f'config.model.moe.capacity_factor={self.capacity_factor} must be > 0')
-    for name in ('aux_loss_coef', 'router_z_loss_coef', 'bias_update_rate', 'router_init_scale'):
-      v = getattr(self, name)
-      if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-        raise ConfigError(f'config.model.moe.{name} must be a number >= 0, got {v!r}')
-
-  def capacity(self, tokens_per_group: int) -> int:
-    """C = ceil(S*k/E * capacity_factor), capped at S (an expert gets at most one slot per token)."""
-    c = math.ceil(tokens_per_group * self.top_k / self.num_experts * self.capacity_factor)
-    return max(1, min(c, tokens_per_group))
-
-
-def moe_param_counts(d_model: int, moe_cfg: MoEConfig, gated: bool) -> tuple[int, int]:
-  """(total, active-per-token) parameters of one MoE layer: routed + shared experts + router.
-
-  The router bias is a buffer, not a parameter, so it is not counted.
-  """
-  per_expert = d_model * moe_cfg.expert_mlp_dim * (3 if gated else 2)
-  router = d_model * moe_cfg.num_experts
-  shared = moe_cfg.num_shared_experts * per_expert
-  total = moe_cfg.num_experts * per_expert + shared + router
-  active = moe_cfg.top_k * per_expert + shared + router
-  return total, active
-
 
 def update_router_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
   """DeepSeek-V3 aux-loss-free balancing: b_i -= rate if expert i is overloaded (load above the

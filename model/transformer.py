@@ -1,7 +1,8 @@
 """The decoder: embed -> scanned stack of blocks -> final RMSNorm -> logits.
 
 Layers are created stacked (leading `layers` axis) and applied with `nnx.scan`, so compile time
-does not grow with depth. Shapes: B batch, T length, D d_model, V vocab, L layers, S cache size.
+does not grow with depth. Shapes: B batch, T length, D d_model, V vocab, L layers, S cache size, R repeats of a
+scanned unit, U blocks per unit, E experts.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from model import sharding
 from model.attention import Attention
 from model.config import ModelConfig
 from model.layers import MLP, Embedder, RMSNorm
+from model.moe import MoE
 
 _REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -21,49 +23,81 @@ _REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-  """Serial pre-norm: x + attn(n1(x)), then + mlp(n2(.)).
-  Parallel (PaLM §2): x + attn(n(x)) + mlp(n(x)) with one shared norm.
-  With `post_norms` (Gemma 2/3) each branch output is normalised again before the residual."""
+  """Serial pre-norm: x + attn(n1(x)), then + ffn(n2(.)).
+  Parallel (PaLM §2): x + attn(n(x)) + ffn(n(x)) with one shared norm.
+  With `post_norms` (Gemma 2/3) each branch output is normalised again before the residual.
+  The FFN is the dense MLP, or with `moe` the sparse MoE layer (which also returns aux stats)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool = False):
     self.parallel = cfg.block == 'parallel'
     self.post_norms = cfg.post_norms
+    self.is_moe = moe
     self.attn_norm = RMSNorm(cfg, rngs)
     self.attn = Attention(cfg, rngs)
     if not self.parallel:
       self.mlp_norm = RMSNorm(cfg, rngs)
-    self.mlp = MLP(cfg, rngs)
+    self.mlp = MoE(cfg, cfg.moe, rngs) if moe else MLP(cfg, rngs)
     if cfg.post_norms:
       self.post_attn_norm = RMSNorm(cfg, rngs)
       self.post_mlp_norm = RMSNorm(cfg, rngs)
 
+  def _ffn(self, h_BTD):
+    if self.is_moe:
+      return self.mlp(h_BTD)
+    return self.mlp(h_BTD), {}
+
   def __call__(self, x_BTD, positions_BT, cache=None, index=0, window=0, rope_base=None,
                rope_scaled=True):
+    """-> (x_BTD, cache, aux): aux is the MoE layer's stats ({} for a dense FFN)."""
     post_attn = self.post_attn_norm if self.post_norms else (lambda y: y)
     post_mlp = self.post_mlp_norm if self.post_norms else (lambda y: y)
     h_BTD = self.attn_norm(x_BTD)
     a_BTD, cache = self.attn(h_BTD, positions_BT, cache, index, window, rope_base, rope_scaled)
     if self.parallel:
-      x_BTD = x_BTD + post_attn(a_BTD) + post_mlp(self.mlp(h_BTD))
+      f_BTD, aux = self._ffn(h_BTD)
+      x_BTD = x_BTD + post_attn(a_BTD) + post_mlp(f_BTD)
     else:
       x_BTD = x_BTD + post_attn(a_BTD)
-      x_BTD = x_BTD + post_mlp(self.mlp(self.mlp_norm(x_BTD)))
-    return sharding.constrain(x_BTD, ('batch', 'length', 'act_embed')), cache
+      f_BTD, aux = self._ffn(self.mlp_norm(x_BTD))
+      x_BTD = x_BTD + post_mlp(f_BTD)
+    return sharding.constrain(x_BTD, ('batch', 'length', 'act_embed')), cache, aux
+
+
+class Unit(nnx.Module):
+  """One scan step: consecutive blocks `block0..block{U-1}` with FFN kinds `unit` ('D'/'M').
+  A dense model's unit is one block; MoE every 2nd layer makes it a dense + an MoE block."""
+
+  def __init__(self, cfg: ModelConfig, unit: str, rngs: nnx.Rngs):
+    self.size = len(unit)
+    for p, kind in enumerate(unit):
+      setattr(self, f'block{p}', Block(cfg, rngs, moe=kind == 'M'))
+
+  def __call__(self, x_BTD, positions_BT, cache, index, window_U, base_U, scaled_U):
+    caches, auxes = {}, {}
+    for p in range(self.size):
+      name = f'block{p}'
+      x_BTD, caches[name], auxes[name] = getattr(self, name)(
+          x_BTD, positions_BT, None if cache is None else cache[name], index, window_U[p],
+          base_U[p], scaled_U[p])
+    return x_BTD, (None if cache is None else caches), auxes
 
 
 class Decoder(nnx.Module):
-  """tokens_BT -> logits_BTV (float32). See `__call__` for the KV-cache mode."""
+  """tokens_BT -> logits_BTV (float32). See `__call__` for the KV-cache mode.
+
+  Layers live in scanned groups `stack0, stack1, ...` (`cfg.layer_groups()`), each a Unit
+  stacked on a leading `layers` axis of size R (its repeats): stack{j}.block{p}.* is [R, ...].
+  """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embedder = Embedder(cfg, rngs)
-
-    @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
-    def make_blocks(rngs):
-      return Block(cfg, rngs)
-
-    self.blocks = make_blocks(rngs)
+    for j, (repeats, unit) in enumerate(cfg.layer_groups()):
+      @nnx.split_rngs(splits=repeats)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+      def make_units(rngs):
+        return Unit(cfg, unit, rngs)
+      setattr(self, f'stack{j}', make_units(rngs))
     self.final_norm = RMSNorm(cfg, rngs)
 
   def __call__(self, tokens_BT: jax.Array, cache: dict | None = None,
@@ -73,37 +107,78 @@ class Decoder(nnx.Module):
     With a cache, `tokens_BT` sit at positions index..index+T-1 of every row; their K/V are
     written there and the updated cache is returned. Returns (logits_BTV, cache).
     """
+    logits_BTV, cache, _ = self.forward(tokens_BT, cache, index)
+    return logits_BTV, cache
+
+  def forward(self, tokens_BT: jax.Array, cache: dict | None = None,
+              index: jax.Array | int = 0):
+    """-> (logits_BTV, cache, aux). aux mirrors the layer structure, {'stack1': {'block0':
+    {...}}}, holding each MoE layer's stats stacked [R, ...] (see `model.moe.MoE`)."""
     b, t = tokens_BT.shape
     positions_BT = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
     x_BTD = self.embedder.encode(tokens_BT)
-
-    # Per-layer attention span, RoPE base and RoPE scaling ride along the scan as [L] arrays.
     cfg = self.cfg
-    kinds = cfg.layer_kinds()
-    window_L = jnp.asarray([cfg.sliding_window if k == 'L' else 0 for k in kinds], jnp.int32)
-    base_L = jnp.asarray([cfg.rope_base_local or cfg.rope_base if k == 'L' else cfg.rope_base
-                          for k in kinds], jnp.float32)
 
-    scaled_L = jnp.asarray([k == 'G' for k in kinds])  # RoPE scaling is for global layers.
+    def body(x_BTD, unit, unit_cache, window_U, base_U, scaled_U):
+      return unit(x_BTD, positions_BT, unit_cache, index, window_U, base_U, scaled_U)
 
-    def body(x_BTD, block, layer_cache, window, rope_base, rope_scaled):
-      return block(x_BTD, positions_BT, layer_cache, index, window, rope_base, rope_scaled)
-
-    if self.cfg.remat != 'none':
-      body = nnx.remat(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+    if cfg.remat != 'none':
+      body = nnx.remat(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
     # A None cache has no leaves, so axis 0 is harmless in the training forward.
-    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0, 0, 0), out_axes=(nnx.Carry, 0))
-    x_BTD, cache = scan(x_BTD, self.blocks, cache, window_L, base_L, scaled_L)
-    return self.embedder.decode(self.final_norm(x_BTD)), cache
+    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
+
+    kinds = cfg.layer_kinds()
+    new_cache, aux, first = {}, {}, 0
+    for j, (repeats, unit) in enumerate(cfg.layer_groups()):
+      name = f'stack{j}'
+      # Per-layer attention span, RoPE base and RoPE scaling ride along the scan as [R, U].
+      span = kinds[first:first + repeats * len(unit)]
+      first += len(span)
+      window_RU = jnp.asarray([cfg.sliding_window if k == 'L' else 0 for k in span],
+                              jnp.int32).reshape(repeats, -1)
+      base_RU = jnp.asarray([cfg.rope_base_local or cfg.rope_base if k == 'L' else cfg.rope_base
+                             for k in span], jnp.float32).reshape(repeats, -1)
+      scaled_RU = jnp.asarray([k == 'G' for k in span]).reshape(repeats, -1)  # Global layers only.
+      x_BTD, stack_cache, stack_aux = scan(x_BTD, getattr(self, name),
+                                           None if cache is None else cache[name],
+                                           window_RU, base_RU, scaled_RU)
+      new_cache[name] = stack_cache
+      if any(stack_aux.values()):
+        aux[name] = {p: a for p, a in stack_aux.items() if a}
+    logits_BTV = self.embedder.decode(self.final_norm(x_BTD))
+    return logits_BTV, (None if cache is None else new_cache), aux
 
 
 def init_cache(cfg: ModelConfig, batch: int, size: int) -> dict:
-  """Zeroed KV cache for all layers: {'k','v'}: [L, B, S, K, H] in the compute dtype."""
+  """Zeroed KV cache mirroring the layers: {'stack{j}': {'block{p}': {'k','v'}}}, each
+  [R, B, S, K, H] in the compute dtype."""
   if size > cfg.max_seq_len:
     raise ValueError(f'KV cache size {size} exceeds config.model.max_seq_len={cfg.max_seq_len}')
-  shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
   dtype = jnp.dtype(cfg.dtype)
-  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+  cache = {}
+  for j, (repeats, unit) in enumerate(cfg.layer_groups()):
+    shape = (repeats, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    cache[f'stack{j}'] = {f'block{p}': {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+                          for p in range(len(unit))}
+  return cache
+
+
+def moe_layer_stats(aux: dict, cfg: ModelConfig) -> dict[str, jax.Array]:
+  """The aux tree from `Decoder.forward` as arrays over MoE layers in depth order: each stat
+  [M, ...] for the M MoE layers (e.g. load [M, E]). {} for a dense model."""
+  per_layer = []  # (layer index, stats)
+  first = 0
+  for j, (repeats, unit) in enumerate(cfg.layer_groups()):
+    for p, kind in enumerate(unit):
+      if kind == 'M':
+        stats = aux[f'stack{j}'][f'block{p}']
+        per_layer += [(first + r * len(unit) + p, jax.tree.map(lambda a, r=r: a[r], stats))
+                      for r in range(repeats)]
+    first += repeats * len(unit)
+  if not per_layer:
+    return {}
+  per_layer.sort(key=lambda x: x[0])
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *[s for _, s in per_layer])
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> Decoder:

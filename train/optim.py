@@ -21,10 +21,12 @@ def make_optimizer(train_cfg, total_steps: int) -> tuple[optax.GradientTransform
                                     train_cfg.lr_end_fraction)
 
   def decay_mask(params):
-    # Stacked layer params carry a leading layers axis: a stacked norm scale is [L, D].
+    # Stacked layer params (under 'stack{j}') carry a leading layers axis: a stacked norm scale
+    # is [R, D]. Matrices are decayed; norms, biases and buffers are not.
+    def stacked(path):
+      return any(str(getattr(k, 'key', '')).startswith('stack') for k in path)
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim - (1 if any(getattr(k, 'key', None) == 'blocks' for k in path) else 0) > 1,
-        params)
+        lambda path, p: p.ndim - (1 if stacked(path) else 0) > 1, params)
 
   tx = optax.chain(
       optax.clip_by_global_norm(train_cfg.clip_norm) if train_cfg.clip_norm > 0 else optax.identity(),

@@ -100,7 +100,7 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
   tx, schedule = optim.make_optimizer(t, t.steps)
   spec = state_lib.make_state_spec(model_cfg, tx, mesh, rules)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints)
-  expect = {'model': model_cfg.__dict__, 'corpus_fingerprint': data.info['fingerprint']}
+  expect = {'model': model_cfg.to_dict(), 'corpus_fingerprint': data.info['fingerprint']}
 
   if ckpt.latest_step() is not None:
     state, record = ckpt.restore(spec.abstract_state, expect=expect)
@@ -137,7 +137,7 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
   writer = metrics_lib.MetricsWriter(workdir, tensorboard=t.tensorboard)
 
   def record():
-    return {'data': data.train.state(), 'model': model_cfg.__dict__,
+    return {'data': data.train.state(), 'model': model_cfg.to_dict(),
             'corpus_fingerprint': data.info['fingerprint'], 'corpus': data.info,
             'config': cfg.to_json_best_effort()}
 

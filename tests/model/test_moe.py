@@ -244,7 +244,7 @@ def test_param_counts_match_model(activation, shared):
   cfg = tiny_model_config(activation=activation)
   m = moe.MoE(cfg, mcfg, nnx.Rngs(0))
   n = sum(v.size for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
-  total, active = moe.moe_param_counts(cfg.d_model, mcfg, cfg.gated)
+  total, active = mcfg.layer_param_counts(cfg.d_model, cfg.gated)
   assert total == n
   per_expert = cfg.d_model * mcfg.expert_mlp_dim * (3 if cfg.gated else 2)
   assert total - active == (mcfg.num_experts - mcfg.top_k) * per_expert

@@ -49,7 +49,7 @@ def test_sharded_forward_and_grads_equal_unsharded():
   tx, _ = optim.make_optimizer(train_cfg, 10)
   spec = state_lib.make_state_spec(cfg, tx, mesh, rules)
   state = state_lib.init_state(spec, cfg, tx, seed=0)
-  w_up = state['params']['blocks']['mlp']['w_up']
+  w_up = state['params']['stack0']['block0']['mlp']['w_up']
   assert w_up.sharding.spec == P(None, 'fsdp', 'tensor')  # [layers, embed, mlp]
   assert len({str(s.index) for s in w_up.addressable_shards}) == 4
   assert w_up.addressable_shards[0].data.shape == (2, 16, 24)

@@ -77,9 +77,9 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
 def test_layers_are_stacked_for_scan():
   cfg = tiny_model_config(num_layers=3)
   state = nnx.state(transformer.build(cfg)).to_pure_dict()
-  assert state['blocks']['attn']['w_q'].shape == (3, cfg.d_model, cfg.num_heads, cfg.head_dim)
+  assert state['stack0']['block0']['attn']['w_q'].shape == (3, cfg.d_model, cfg.num_heads, cfg.head_dim)
   specs = nnx.get_partition_spec(nnx.state(transformer.abstract(cfg))).to_pure_dict()
-  assert tuple(specs['blocks']['attn']['w_q']) == ('layers', 'embed', 'heads', 'head_dim')
+  assert tuple(specs['stack0']['block0']['attn']['w_q']) == ('layers', 'embed', 'heads', 'head_dim')
   assert tuple(specs['embedder']['embedding']) == ('vocab', 'embed')
 
 

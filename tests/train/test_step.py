@@ -75,8 +75,8 @@ def test_weight_decay_skips_norm_scales():
   opt = tx.update(zero, opt, params)[1]  # Step 0 has lr 0 (warmup); take the second update.
   updates, _ = tx.update(zero, opt, params)
   assert float(jnp.abs(updates['final_norm']['scale']).max()) == 0.0
-  assert float(jnp.abs(updates['blocks']['attn_norm']['scale']).max()) == 0.0
-  assert float(jnp.abs(updates['blocks']['mlp']['w_up']).max()) > 0.0
+  assert float(jnp.abs(updates['stack0']['block0']['attn_norm']['scale']).max()) == 0.0
+  assert float(jnp.abs(updates['stack0']['block0']['mlp']['w_up']).max()) > 0.0
 
 
 def test_cross_entropy_weights_and_z_loss():
