@@ -51,7 +51,8 @@ class MoEConfig:
   num_shared_experts: int = 0     # Always-on experts, each of width F (DeepSeekMoE).
   dispatch: str = 'capacity'      # capacity (drop overflow) | dropless (ragged_dot, MegaBlocks).
   capacity_factor: float = 1.25   # C = ceil(S * k / E * capacity_factor), S tokens per group.
-  capacity_group: str = 'batch'   # batch: one group of B*T tokens; sequence: one group per row.
+  # sequence: one group per row (the dispatch tensor stays small); batch: one group of B*T tokens.
+  capacity_group: str = 'sequence'
   aux_loss_coef: float = 1e-2     # Switch alpha.
   router_z_loss_coef: float = 1e-3  # ST-MoE c_z.
   bias_update_rate: float = 0.0   # DeepSeek-V3 gamma (1e-3 in the paper); 0 = off.

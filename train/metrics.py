@@ -10,6 +10,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 
 class MetricsWriter:
@@ -45,6 +46,25 @@ class MetricsWriter:
       self._tb.close()
 
 
+def flatten(metrics: dict) -> dict[str, float]:
+  """Scalars pass through; per-layer arrays become one scalar each, e.g. moe_load [M, E] ->
+  moe_load/layer0/expert3, moe_dropped [M] -> moe_dropped/layer0. MoE layers also get their
+  balance ratio moe_load_max_over_min/layer{m} (1 = perfectly balanced)."""
+  out = {}
+  for name, v in metrics.items():
+    a = np.asarray(v, np.float64)
+    if a.ndim == 0:
+      out[name] = float(a)
+      continue
+    for idx in np.ndindex(a.shape):
+      key = '/'.join(f'{label}{i}' for label, i in zip(('layer', 'expert'), idx))
+      out[f'{name}/{key}'] = float(a[idx])
+    if name == 'moe_load':
+      for m, load_E in enumerate(a):
+        out[f'moe_load_max_over_min/layer{m}'] = float(load_E.max() / max(load_E.min(), 1e-12))
+  return out
+
+
 def format_duration(seconds: float) -> str:
   seconds = max(0, int(seconds))
   h, rem = divmod(seconds, 3600)
@@ -53,5 +73,7 @@ def format_duration(seconds: float) -> str:
 
 
 def progress_line(step: int, total: int, m: dict, eta_s: float) -> str:
+  balance = [v for k, v in m.items() if k.startswith('moe_load_max_over_min/')]
+  moe = (f'  aux {m["moe_aux_loss"]:.4f}  load max/min {max(balance):.2f}' if balance else '')
   return (f'step {step:>6}/{total}  loss {m["loss"]:.4f}  lr {m["lr"]:.2e}  '
-          f'{m["tokens_per_s"]:,.0f} tok/s  MFU {100 * m["mfu"]:.1f}%  ETA {format_duration(eta_s)}')
+          f'{m["tokens_per_s"]:,.0f} tok/s  MFU {100 * m["mfu"]:.1f}%{moe}  ETA {format_duration(eta_s)}')

@@ -113,8 +113,9 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
     # overwrites the config that sampling reads.
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(cfg.to_json(indent=2))
-  n_params = model_cfg.param_count()
-  log(f'Model: {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}')
+  n_params, n_active = model_cfg.param_count(), model_cfg.active_param_count()
+  active = f' ({n_active / 1e6:.2f}M active per token)' if n_active != n_params else ''
+  log(f'Model: {n_params / 1e6:.2f}M parameters{active}; mesh {dict(mesh.shape)}')
   log(f'Data: {data.info["source"]} corpus {data.info["fingerprint"][:12]}, '
       f'{data.info["train_tokens"]:,} training and {data.info["val_tokens"]:,} validation tokens, '
       f'{data.val_bytes_per_token:.2f} bytes/token (tokenizer vocab {data.tokenizer.vocab_size})')
@@ -162,7 +163,7 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
         batch = _local_global(next(data.train), batch_sh)
         state, m = train_step(state, batch)
         step += 1
-        m = jax.device_get(m)
+        m = metrics_lib.flatten(jax.device_get(m))  # Per-layer MoE arrays -> scalars.
         if not m['finite']:
           if t.nan_policy == 'stop':
             ckpt.wait()

@@ -1,0 +1,24 @@
+"""Tiny sparse-MoE decoder: configs/tiny.py with every FFN replaced by 8 experts, top-2.
+
+Each expert is half as wide as tiny's MLP (384 vs 768), so a token uses the same FFN FLOPs as in
+tiny (2 x 384) while the layer holds 4x the FFN parameters: the comparison the MoE papers make
+(Switch §3, GLaM §4) at equal active parameters and tokens.
+
+  python -m launch.main --config=configs/tiny_moe.py --workdir=runs/tiny_moe
+"""
+import ml_collections
+
+from configs.tiny import get_config as get_tiny
+
+
+def get_config():
+  cfg = get_tiny()
+  cfg.model.moe = ml_collections.ConfigDict(dict(
+      num_experts=8, top_k=2, expert_mlp_dim=384,
+      gating='softmax_topk', renormalize=True,   # GShard top-2: the kept pair sums to 1.
+      # Capacity dispatch per sequence: on XLA:CPU it runs 2x a dense MLP's time, dropless
+      # (ragged_dot) 5x (launch/bench_moe.py). Overflow tokens ride the residual (Switch §2.2).
+      dispatch='capacity', capacity_factor=1.25, capacity_group='sequence',
+      aux_loss_coef=1e-2, router_z_loss_coef=1e-3,  # Switch / ST-MoE defaults.
+      bias_update_rate=0.0, interval=1, first_dense_layers=0))
+  return cfg
