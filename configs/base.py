@@ -1,7 +1,8 @@
 """Defaults shared by every training config. Experiment files import `get_base()` and override.
 
 Sections: model (model/config.py ModelConfig fields), data (train/data.py), train (loop,
-optimizer, checkpoints), mesh (device mesh sizes and logical-axis rules), sample (launch/sample.py).
+optimizer, checkpoints), mesh (device mesh sizes and logical-axis rules), pipeline (stages and
+schedule), sample (launch/sample.py).
 """
 import ml_collections
 
@@ -36,10 +37,23 @@ def get_base() -> ml_collections.ConfigDict:
       checkpoint_every=200, keep_checkpoints=3, async_checkpoints=True,
       nan_policy='stop',      # stop | skip
       seed=0, peak_flops=0.0,  # 0 = measure the matmul peak at start (for MFU)
-      tensorboard=True))
+      tensorboard=True,
+      # A workdir (e.g. from `launch.convert --from=hf`) whose latest checkpoint's parameters
+      # start a fresh run (new optimizer, step 0); '' = random init. Ignored when resuming.
+      init_from=''))
 
-  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # In-slice (ICI) size per mesh axis, one may be -1 (fill); cross-slice (DCN) sizes in mesh.dcn
+  # (each mesh axis is ICI x DCN). A preset (sharding.PRESETS: data, fsdp, fsdp_tensor,
+  # tensor_sequence, expert) replaces the rules and fills its own axis; '' = these sizes and rules.
+  cfg.mesh = ml_collections.ConfigDict(dict(
+      data=-1, pipeline=1, fsdp=1, expert=1, sequence=1, tensor=1, preset=''))
+  cfg.mesh.dcn = ml_collections.ConfigDict({a: 1 for a in sharding.MESH_AXES})
   cfg.mesh.rules = sharding.DEFAULT_RULES
+
+  # Pipeline parallelism (model/pipeline.py): stages 0 = the mesh's pipeline axis size,
+  # microbatches 0 = stages; schedule gpipe | circular (circular_repeats chunks per stage).
+  cfg.pipeline = ml_collections.ConfigDict(dict(
+      stages=0, microbatches=0, schedule='gpipe', circular_repeats=2))
 
   cfg.sample = ml_collections.ConfigDict(dict(
       prompt='def fibonacci(n):\n', max_new_tokens=128, num_samples=3, temperature=0.8, top_k=0, top_p=0.95,

@@ -16,8 +16,8 @@ def get_config():
   cfg.model.moe = ml_collections.ConfigDict(dict(
       num_experts=8, top_k=2, expert_mlp_dim=384,
       gating='softmax_topk', renormalize=True,   # GShard top-2: the kept pair sums to 1.
-      # Capacity dispatch per sequence: on XLA:CPU it runs 2x a dense MLP's time, dropless
-      # (ragged_dot) 5x (launch/bench_moe.py). Overflow tokens ride the residual (Switch §2.2).
+      # Capacity dispatch per sequence (Switch §2.2): overflow tokens ride the residual. On
+      # XLA:CPU both modes run at about 1-1.3x a dense FFN's time (python -m launch.bench_moe).
       dispatch='capacity', capacity_factor=1.25, capacity_group='sequence',
       aux_loss_coef=1e-2, router_z_loss_coef=1e-3,  # Switch / ST-MoE defaults.
       # DeepSeek-V3's aux-loss-free bias update as well: the Switch loss alone leaves a starving

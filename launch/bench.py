@@ -30,8 +30,7 @@ def bench_step(cfg, dtype: str, steps: int) -> dict:
 
   model_cfg = ModelConfig.from_dict({**cfg.model.to_dict(), 'dtype': dtype})
   t = cfg.train
-  rules = sharding.check_rules(cfg.mesh.rules)
-  mesh = sharding.make_mesh({a: cfg.mesh[a] for a in sharding.MESH_AXES})
+  mesh, rules = sharding.mesh_from_config(cfg.mesh)
   tx, schedule = optim.make_optimizer(t, t.steps)
   spec = state_lib.make_state_spec(model_cfg, tx, mesh, rules)
   state = state_lib.init_state(spec, model_cfg, tx, t.seed)

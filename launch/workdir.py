@@ -23,7 +23,7 @@ def load_model(workdir: str, step: int | None = None):
   from model import sharding
   from model.config import ModelConfig
   from train import checkpoint as ckpt_lib, optim, state as state_lib
-  from train.tokenizer import Tokenizer
+  from train.tokenizer import load_workdir_tokenizer
 
   cfg = load_config(workdir)
   model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
@@ -35,7 +35,7 @@ def load_model(workdir: str, step: int | None = None):
     raise FileNotFoundError(f'no checkpoint in {ckpt.directory}: train first')
   state, _ = ckpt.restore(spec.abstract_state, step=step, expect={'model': model_cfg.to_dict()})
   ckpt.close()
-  tokenizer = Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
+  tokenizer = load_workdir_tokenizer(workdir)   # palmax's own, or a converted checkpoint's.
   return cfg, model_cfg, spec.graphdef, state['params'], tokenizer
 
 

@@ -1,26 +1,49 @@
-"""Hugging Face transformers interop: configs and weights of Llama, Mistral and Gemma 1/2/3.
+"""Hugging Face transformers interop: configs of Llama, Mistral, Mixtral and Gemma 1/2/3.
 
-`config_from_hf(hf_config)` maps a `transformers` config (or its `to_dict()`) to a ModelConfig;
-`params_from_hf(state_dict, cfg)` turns a HF state dict into palmax's pure parameter dict
-(per-layer tensors stacked on a leading layer axis) and `params_to_hf` is its exact inverse.
-Nothing here imports torch or transformers; torch tensors are accepted and converted.
-
-HF layouts (PyTorch `nn.Linear` weights are [out, in]):
-  q_proj [N*H, D] -> w_q [D, N, H];  k_proj/v_proj [K*H, D] -> w_k/w_v [D, K, H]
-  o_proj [D, N*H] -> w_o [N, H, D];  gate/up_proj [F, D] -> [D, F];  down_proj [D, F] -> [F, D]
-  lm_head [V, D] -> unembedding [D, V]
-Both use the half-split ("rotate_half") RoPE layout, so no q/k permutation is needed.
+`config_from_hf(hf_config)` maps a `transformers` config (or its `to_dict()`, or a parsed
+config.json) to a ModelConfig; `config_to_hf(cfg, family)` is its inverse and refuses a config the
+family cannot express, naming the field. The weights live in `model/hf_weights.py`
+(`params_from_hf` / `params_to_hf`, re-exported here). Nothing here imports torch or transformers.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
-import numpy as np
+from model.config import MoEConfig, ModelConfig
 
-from model.config import ModelConfig
-
-SUPPORTED_MODEL_TYPES = ('llama', 'mistral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3')
+# CLI family -> HF model_type, architecture class. `gemma3` is the text decoder (Gemma3ForCausalLM);
+# multimodal `gemma3` checkpoints import their language model.
+FAMILIES = {
+    'llama': ('llama', 'LlamaForCausalLM'),
+    'mistral': ('mistral', 'MistralForCausalLM'),
+    'mixtral': ('mixtral', 'MixtralForCausalLM'),
+    'gemma': ('gemma', 'GemmaForCausalLM'),
+    'gemma2': ('gemma2', 'Gemma2ForCausalLM'),
+    'gemma3': ('gemma3_text', 'Gemma3ForCausalLM'),
+}
+SUPPORTED_MODEL_TYPES = ('llama', 'mistral', 'mixtral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3')
 _GELU_TANH = ('gelu_pytorch_tanh', 'gelu_new', 'gelu_fast', 'gelu_tanh')
+# ModelConfig / MoEConfig fields that are palmax run-time choices, not architecture: HF has no
+# value for them, so they never block an export and `config_from_hf` takes them as overrides.
+RUNTIME_FIELDS = ('remat', 'dtype', 'param_dtype')
+MOE_RUNTIME_FIELDS = ('dispatch', 'capacity_factor', 'capacity_group', 'aux_loss_coef',
+                      'router_z_loss_coef', 'bias_update_rate', 'router_init_scale')
+
+
+def family_of(hf_config) -> str:
+  """The CLI family name of a HF config (ValueError for an unsupported model_type)."""
+  c = _as_dict(hf_config)
+  model_type = 'gemma3_text' if c.get('model_type') == 'gemma3' else c.get('model_type')
+  for family, (mt, _) in FAMILIES.items():
+    if mt == model_type:
+      return family
+  raise ValueError(f'unsupported HF model_type {c.get("model_type")!r}; supported: '
+                   f'{SUPPORTED_MODEL_TYPES}')
+
+
+def _as_dict(hf_config) -> dict:
+  return dict(hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict())
 
 
 def _get(c: Mapping[str, Any], key: str, default=None):
@@ -28,7 +51,7 @@ def _get(c: Mapping[str, Any], key: str, default=None):
   return default if v is None else v
 
 
-def _rope(c: Mapping[str, Any], model_type: str) -> dict:
+def _rope(c: Mapping[str, Any]) -> dict:
   """{'global': params, 'local': params} from rope_parameters (transformers 5) or
   rope_theta/rope_scaling (transformers 4)."""
   rp = c.get('rope_parameters')
@@ -89,19 +112,30 @@ def _pattern(layer_types) -> str:
   return s
 
 
+def _moe_from_hf(c: Mapping[str, Any]) -> MoEConfig:
+  """Mixtral's sparse FFN (Jiang et al. 2024, §2.1): top-k of E experts, softmax over the kept
+  logits, on every layer. HF's balance loss sums f over the k choices, palmax's averages them, so
+  the same loss needs coef * k here."""
+  k = int(c['num_experts_per_tok'])
+  return MoEConfig(num_experts=int(c['num_local_experts']), top_k=k,
+                   expert_mlp_dim=int(c['intermediate_size']), gating='topk_softmax',
+                   dispatch='dropless', aux_loss_coef=float(_get(c, 'router_aux_loss_coef', 0.0)) * k,
+                   router_z_loss_coef=0.0)
+
+
 def config_from_hf(hf_config, **overrides) -> ModelConfig:
-  """A ModelConfig equivalent to a HF Llama/Mistral/Gemma/Gemma 2/Gemma 3 text config.
+  """A ModelConfig equivalent to a HF Llama/Mistral/Mixtral/Gemma/Gemma 2/Gemma 3 text config.
 
   `overrides` (e.g. dtype, remat, max_seq_len) are applied last. Raises ValueError naming the
   model_type or the field palmax cannot represent.
   """
-  c = dict(hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict())
+  c = _as_dict(hf_config)
   model_type = c.get('model_type')
   if model_type == 'gemma3':
     text = c.get('text_config')
     if text is None:
       raise ValueError('gemma3 config has no text_config')
-    c = dict(text if isinstance(text, Mapping) else text.to_dict())
+    c = _as_dict(text)
     model_type = 'gemma3_text'
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ValueError(f'unsupported HF model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}')
@@ -127,14 +161,10 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
   layer_types = c.get('layer_types')
   if model_type in ('gemma2', 'gemma3_text'):
     if not layer_types:
-      if model_type == 'gemma2':
-        layer_types = ['sliding_attention' if (i + 1) % 2 else 'full_attention'
-                       for i in range(num_layers)]
-      else:
-        period = int(_get(c, 'sliding_window_pattern', 6))
-        layer_types = ['sliding_attention' if (i + 1) % period else 'full_attention'
-                       for i in range(num_layers)]
-  elif model_type == 'mistral' and not layer_types and c.get('sliding_window'):
+      period = 2 if model_type == 'gemma2' else int(_get(c, 'sliding_window_pattern', 6))
+      layer_types = ['sliding_attention' if (i + 1) % period else 'full_attention'
+                     for i in range(num_layers)]
+  elif model_type in ('mistral', 'mixtral') and not layer_types and c.get('sliding_window'):
     layer_types = ['sliding_attention'] * num_layers
   if layer_types:
     if len(layer_types) != num_layers:
@@ -154,7 +184,7 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
       post_norms=model_type in ('gemma2', 'gemma3_text'), qk_norm=model_type == 'gemma3_text',
       layer_pattern=layer_pattern, sliding_window=sliding_window,
       max_seq_len=int(c.get('max_position_embeddings') or 2048))
-  fields.update(_rope_fields(_rope(c, model_type), 'L' in layer_pattern))
+  fields.update(_rope_fields(_rope(c), 'L' in layer_pattern))
   if model_type in ('gemma2', 'gemma3_text'):
     fields['logit_softcap'] = float(_get(c, 'final_logit_softcapping', 0.0))
     fields['attn_softcap'] = float(_get(c, 'attn_logit_softcapping', 0.0))
@@ -164,161 +194,110 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
         raise ValueError(f'query_pre_attn_scalar={qs!r} must be an integer for palmax '
                          '(query_scale_dim)')
       fields['query_scale_dim'] = int(qs)
+  if model_type == 'mixtral':
+    fields['moe'] = _moe_from_hf(c)
+  moe_overrides = overrides.pop('moe', None)
   fields.update(overrides)
+  if moe_overrides and fields.get('moe') is not None:
+    fields['moe'] = dataclasses.replace(fields['moe'], **moe_overrides)
   cfg = ModelConfig(**fields)
   cfg.validate()
   return cfg
 
 
-# ---- Weights ---------------------------------------------------------------------------------
-
-def _layer_map(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str]]:
-  """(palmax path under 'stack{j}.block{p}', HF name under 'model.layers.{i}.') for every per-layer tensor."""
-  m = [(('attn', 'w_q'), 'self_attn.q_proj.weight'), (('attn', 'w_k'), 'self_attn.k_proj.weight'),
-       (('attn', 'w_v'), 'self_attn.v_proj.weight'), (('attn', 'w_o'), 'self_attn.o_proj.weight'),
-       (('mlp', 'w_gate'), 'mlp.gate_proj.weight'), (('mlp', 'w_down'), 'mlp.down_proj.weight'),
-       (('attn_norm', 'scale'), 'input_layernorm.weight')]
-  if cfg.gated:
-    m.append((('mlp', 'w_up'), 'mlp.up_proj.weight'))
-  if cfg.block == 'parallel':
-    raise ValueError('block=parallel has no HF Llama/Gemma equivalent')
-  if cfg.post_norms:
-    m += [(('mlp_norm', 'scale'), 'pre_feedforward_layernorm.weight'),
-          (('post_attn_norm', 'scale'), 'post_attention_layernorm.weight'),
-          (('post_mlp_norm', 'scale'), 'post_feedforward_layernorm.weight')]
-  else:
-    m.append((('mlp_norm', 'scale'), 'post_attention_layernorm.weight'))
-  if cfg.qk_norm:
-    m += [(('attn', 'q_norm', 'scale'), 'self_attn.q_norm.weight'),
-          (('attn', 'k_norm', 'scale'), 'self_attn.k_norm.weight')]
-  return m
-
-
-def _hf_shape(path: tuple[str, ...], cfg: ModelConfig) -> tuple[int, ...]:
-  d, n, k, h, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-  return {'w_q': (n * h, d), 'w_k': (k * h, d), 'w_v': (k * h, d), 'w_o': (d, n * h),
-          'w_gate': (f, d), 'w_up': (f, d), 'w_down': (d, f)}.get(
-              path[-2] if path[-1] == 'scale' else path[-1],
-              (h,) if path[-2] in ('q_norm', 'k_norm') else (d,))
-
-
-def _from_hf_layer(path, w, cfg):
-  """One HF per-layer tensor -> palmax layout."""
-  d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  name = path[-1]
-  if name == 'w_q':
-    return w.reshape(n, h, d).transpose(2, 0, 1)
-  if name in ('w_k', 'w_v'):
-    return w.reshape(k, h, d).transpose(2, 0, 1)
-  if name == 'w_o':
-    return w.reshape(d, n, h).transpose(1, 2, 0)
-  if name in ('w_gate', 'w_up', 'w_down'):
-    return w.T
-  return w
-
-
-def _to_hf_layer(path, w, cfg):
-  d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  name = path[-1]
-  if name == 'w_q':
-    return w.transpose(1, 2, 0).reshape(n * h, d)
-  if name in ('w_k', 'w_v'):
-    return w.transpose(1, 2, 0).reshape(k * h, d)
-  if name == 'w_o':
-    return w.transpose(2, 0, 1).reshape(d, n * h)
-  if name in ('w_gate', 'w_up', 'w_down'):
-    return w.T
-  return w
-
-
-def _to_numpy(x) -> np.ndarray:
-  if hasattr(x, 'detach'):  # torch.Tensor, without importing torch.
-    x = x.detach().cpu()
-    if str(x.dtype) == 'torch.bfloat16':
-      import ml_dtypes
-      return x.view(dtype=__import__('torch').int16).numpy().view(ml_dtypes.bfloat16)
-    return x.numpy()
-  return np.asarray(x)
-
-
-def _normalise_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-  """Accepts multimodal Gemma 3 prefixes (model.language_model.*, language_model.*)."""
-  out = {}
-  for key, v in state_dict.items():
-    for old, new in (('model.language_model.', 'model.'), ('language_model.model.', 'model.'),
-                     ('language_model.lm_head.', 'lm_head.')):
-      if key.startswith(old):
-        key = new + key[len(old):]
-        break
-    out[key] = v
+def runtime_overrides(cfg: ModelConfig) -> dict:
+  """cfg's run-time fields as `config_from_hf` overrides (so a comparison ignores them)."""
+  out: dict[str, Any] = {k: getattr(cfg, k) for k in RUNTIME_FIELDS}
+  if cfg.moe is not None:
+    out['moe'] = {k: getattr(cfg.moe, k) for k in MOE_RUNTIME_FIELDS}
   return out
 
 
-def params_from_hf(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict:
-  """HF state dict (numpy arrays or torch tensors) -> palmax pure parameter dict (numpy).
+def config_to_hf(cfg: ModelConfig, family: str, **extra) -> dict[str, Any]:
+  """A HF config.json dict of `family` equivalent to `cfg` (inverse of `config_from_hf`).
 
-  Raises ValueError naming a missing tensor, or a tensor with the wrong shape (got and expected).
-  Tensors keep their dtype; extra tensors (e.g. rotary buffers, vision towers) are ignored.
+  Raises ValueError naming every ModelConfig field the family cannot express (e.g. a parallel
+  block, or logit soft-capping for Llama). `extra` adds keys such as bos/eos token ids.
+  RoPE is written in the transformers 4 form (rope_theta / rope_scaling), which 5.x reads too.
   """
-  sd = _normalise_keys(state_dict)
-
-  def take(key, shape):
-    if key not in sd:
-      raise ValueError(f'HF state dict is missing tensor {key!r}')
-    w = _to_numpy(sd[key])
-    if tuple(w.shape) != tuple(shape):
-      raise ValueError(f'HF tensor {key!r} has shape {tuple(w.shape)}, expected {tuple(shape)}')
-    return w
-
-  v, d = cfg.vocab_size, cfg.d_model
-  params: dict = {'embedder': {'embedding': take('model.embed_tokens.weight', (v, d))},
-                  'final_norm': {'scale': take('model.norm.weight', (d,))}}
-  if not cfg.tie_embeddings:
-    params['embedder']['unembedding'] = take('lm_head.weight', (v, d)).T
-  for (stack, block), layers in _blocks(cfg).items():
-    for path, hf_name in _layer_map(cfg):
-      shape = _hf_shape(path, cfg)
-      stacked = np.stack([_from_hf_layer(path, take(f'model.layers.{i}.{hf_name}', shape), cfg)
-                          for i in layers])
-      node = params.setdefault(stack, {}).setdefault(block, {})
-      for p in path[:-1]:
-        node = node.setdefault(p, {})
-      node[path[-1]] = stacked
-  return params
-
-
-def _blocks(cfg: ModelConfig) -> dict[tuple[str, str], list[int]]:
-  """(stack, block) -> the HF layer indices stacked there, in repeat order."""
-  out: dict[tuple[str, str], list[int]] = {}
-  for i, (stack, block, _) in enumerate(cfg.layer_slots()):
-    out.setdefault((stack, block), []).append(i)
+  if family not in FAMILIES:
+    raise ValueError(f'unknown family {family!r}; expected one of {sorted(FAMILIES)}')
+  if family == 'mixtral' and cfg.moe is None:
+    raise ValueError('config.model.moe is None: a dense model has no HF mixtral equivalent '
+                     '(use --family=mistral)')
+  if cfg.block != 'serial':
+    raise ValueError(f'config.model.block={cfg.block!r} has no HF {family} equivalent (serial only)')
+  model_type, arch = FAMILIES[family]
+  gemma = family.startswith('gemma')
+  kinds = cfg.layer_kinds()
+  out: dict[str, Any] = dict(
+      architectures=[arch], model_type=model_type, vocab_size=cfg.vocab_size,
+      hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+      tie_word_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_base, attention_bias=False,
+      attention_dropout=0.0, initializer_range=0.02, use_cache=True)
+  act = {'swiglu': 'silu', 'geglu': 'gelu_pytorch_tanh'}.get(cfg.activation, cfg.activation)
+  out['hidden_activation' if gemma else 'hidden_act'] = act
+  if gemma:
+    out['hidden_act'] = act
+  if cfg.rope_scaling == 'llama3':
+    out['rope_scaling'] = dict(
+        rope_type='llama3', factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
+        high_freq_factor=cfg.rope_high_freq_factor,
+        original_max_position_embeddings=cfg.rope_original_max_len)
+  elif cfg.rope_scaling == 'linear':
+    out['rope_scaling'] = dict(rope_type='linear', factor=cfg.rope_scaling_factor)
+  if family in ('mistral', 'mixtral'):
+    out['sliding_window'] = cfg.sliding_window if 'L' in kinds else None
+  if family in ('gemma2', 'gemma3'):
+    out.update(sliding_window=cfg.sliding_window,
+               layer_types=['sliding_attention' if k == 'L' else 'full_attention' for k in kinds],
+               query_pre_attn_scalar=cfg.query_scale_dim or cfg.head_dim,
+               final_logit_softcapping=cfg.logit_softcap or None,
+               attn_logit_softcapping=cfg.attn_softcap or None)
+    if family == 'gemma3':
+      out['sliding_window_pattern'] = len(cfg.layer_pattern)
+      out['rope_local_base_freq'] = cfg.rope_base_local or cfg.rope_base
+  if family == 'mixtral' and cfg.moe is not None:
+    m = cfg.moe
+    out.update(num_local_experts=m.num_experts, num_experts_per_tok=m.top_k,
+               intermediate_size=m.expert_mlp_dim, router_aux_loss_coef=m.aux_loss_coef / m.top_k,
+               router_jitter_noise=0.0, output_router_logits=False)
+  out.update(extra)
+  _check_round_trip(cfg, out, family)
   return out
 
 
-def params_to_hf(params: Mapping[str, Any], cfg: ModelConfig,
-                 include_tied_lm_head: bool = True) -> dict[str, np.ndarray]:
-  """Palmax pure parameter dict -> HF state dict of numpy arrays (inverse of params_from_hf).
+def _check_round_trip(cfg: ModelConfig, out: dict, family: str) -> None:
+  """`config_from_hf(out)` must give `cfg` back; otherwise name what the family cannot hold."""
+  try:
+    back = config_from_hf(out, **runtime_overrides(cfg))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'config.model cannot be written as a HF {family} config: {e}') from None
+  have, want = back.to_dict(), cfg.to_dict()
+  diffs = []
+  for key in sorted(want):
+    if key == 'moe' and want['moe'] is not None and have['moe'] is not None:
+      diffs += [f'moe.{k}={want["moe"][k]!r}' for k in sorted(want['moe'])
+                if want['moe'][k] != have['moe'][k]]
+    elif have[key] != want[key]:
+      diffs.append(f'{key}={want[key]!r}')
+  if diffs:
+    raise ValueError(f'config.model has no HF {family} equivalent for: {", ".join(diffs)} '
+                     f'(a {family} checkpoint would have {", ".join(_names(diffs, have))})')
 
-  With tied embeddings `lm_head.weight` is the embedding table (as in `model.state_dict()`);
-  pass include_tied_lm_head=False to leave it out (as `save_pretrained` does).
-  """
-  def arr(x):
-    return np.asarray(x)
 
-  emb = arr(params['embedder']['embedding'])
-  out = {'model.embed_tokens.weight': emb}
-  for (stack, block), layers in _blocks(cfg).items():
-    for path, hf_name in _layer_map(cfg):
-      node = params[stack][block]
-      for p in path:
-        node = node[p]
-      stacked = arr(node)
-      for r, i in enumerate(layers):
-        out[f'model.layers.{i}.{hf_name}'] = np.ascontiguousarray(
-            _to_hf_layer(path, stacked[r], cfg))
-  out['model.norm.weight'] = arr(params['final_norm']['scale'])
-  if not cfg.tie_embeddings:
-    out['lm_head.weight'] = np.ascontiguousarray(arr(params['embedder']['unembedding']).T)
-  elif include_tied_lm_head:
-    out['lm_head.weight'] = emb
+def _names(diffs, have) -> list[str]:
+  out = []
+  for d in diffs:
+    key = d.split('=')[0]
+    if key.startswith('moe.'):
+      out.append(f'{key}={(have["moe"] or {}).get(key[4:])!r}')
+    else:
+      out.append(f'{key}={have[key]!r}')
   return out
+
+
+# Weights: re-exported so `hf.params_from_hf` keeps working.
+from model.hf_weights import params_from_hf, params_to_hf  # noqa: E402,F401

@@ -12,17 +12,22 @@ References:
 - Mixtral (Jiang et al. 2024, §2.1): softmax over the kept top-k logits only.
 - DeepSeek-V3 (2024, §2.1): sigmoid scores, top-k on score + bias, weights = scores renormalised
   over the selected experts (bias excluded); aux-loss-free bias update.
-- MegaBlocks (Gale et al. 2022): dropless grouped matmuls (here `jax.lax.ragged_dot`).
+- MegaBlocks (Gale et al. 2022): dropless grouped matmuls (`jax.lax.ragged_dot`; on CPU a
+  block-padded batched matmul, since XLA:CPU runs ragged_dot densely for every group).
+
+Under a mesh whose `expert` rule names an axis of size > 1 the routed experts run expert-parallel
+(`model.moe_parallel`).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import sharding
+from model import moe_parallel, sharding
 from model.config import GATINGS, MoEConfig, ModelConfig  # noqa: F401  (re-exported)
 from model.layers import _ACTIVATION_FNS, MLP, matmul, param
 
@@ -71,6 +76,119 @@ def route(logits_NE: jax.Array, bias_E: jax.Array, moe_cfg: MoEConfig):
   return idx_NK.astype(jnp.int32), weights_NK, probs_NE
 
 
+def experts_dense(cfg: ModelConfig, x_GECD, w_gate_EDF, w_up_EDF, w_down_EFD) -> jax.Array:
+  """Per-expert FFN on capacity buffers [G, E, C, D] -> [G, E, C, D] (E may be a local shard)."""
+  dtype = jnp.dtype(cfg.dtype)
+  h_GECF = _ACTIVATION_FNS[cfg.activation](_bmatmul('gecd,edf->gecf', x_GECD, w_gate_EDF, dtype))
+  if w_up_EDF is not None:
+    h_GECF = h_GECF * _bmatmul('gecd,edf->gecf', x_GECD, w_up_EDF, dtype)
+  return _bmatmul('gecf,efd->gecd', h_GECF, w_down_EFD, dtype)
+
+
+GMM_BLOCK = 128  # Rows per block of the block-padded grouped matmul (CPU).
+
+
+def native_grouped_matmul() -> bool:
+  """Whether `jax.lax.ragged_dot` is a real grouped matmul here. TPU lowers it to its ragged-dot
+  instruction and GPU to a kernel; XLA:CPU (jax 0.10.2) expands it into a masked dense matmul per
+  group, E times the useful FLOPs."""
+  return jax.default_backend() != 'cpu'
+
+
+def _count_at_or_below(ends_E, n: int):
+  """[n]: how many of the sorted `ends_E` are <= i, for i < n (searchsorted side='right'). A
+  scatter-add + cumsum: O(n + E), and no loop (jnp.searchsorted's scan trips shard_map's
+  replication check under the pipeline's vmap)."""
+  marks = jnp.zeros((n + 1,), jnp.int32).at[jnp.minimum(ends_E, n)].add(1)
+  return jnp.cumsum(marks)[:n]
+
+
+def _block_layout(group_sizes_E, m: int):
+  """MegaBlocks-style padding (Gale et al. 2022 §5): each group's rows start a fresh block of B
+  rows, so every block belongs to one expert. -> (destination row of each sorted row in the
+  padded [P*B] layout, out of range for rows past sum(group_sizes), expert of each block [P], P, B).
+  P is static: at most E*(B-1) rows of padding in all."""
+  e = group_sizes_E.shape[0]
+  b = min(GMM_BLOCK, max(8, 1 << max(0, math.ceil(m / e) - 1).bit_length()))
+  p = -(-(m + e * (b - 1)) // b)
+  ends_E = jnp.cumsum(group_sizes_E)
+  padded_E = -(-group_sizes_E // b) * b
+  padded_ends_E = jnp.cumsum(padded_E)
+  expert_M = _count_at_or_below(ends_E, m)  # Row -> expert; E = past the last group.
+  safe_M = jnp.minimum(expert_M, e - 1)
+  start_M = (padded_ends_E - padded_E)[safe_M]          # Padded start of the row's group.
+  dest_M = start_M + jnp.arange(m) - (ends_E - group_sizes_E)[safe_M]
+  dest_M = jnp.where(expert_M < e, dest_M, p * b)
+  block_expert_P = jnp.minimum(_count_at_or_below(padded_ends_E // b, p), e - 1)
+  return dest_M, block_expert_P, p, b
+
+
+def experts_ragged(cfg: ModelConfig, x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD):
+  """Per-expert FFN on expert-sorted rows [M, D] -> [M, D] (grouped matmul). Rows past
+  sum(group_sizes_E) belong to no expert and come back as zeros."""
+  dtype = jnp.dtype(cfg.dtype)
+  act = _ACTIVATION_FNS[cfg.activation]
+  if native_grouped_matmul():
+    def rdot(a, w):  # float32 accumulation, as in layers.matmul.
+      return jax.lax.ragged_dot(a.astype(dtype), w.astype(dtype), group_sizes_E,
+                                preferred_element_type=jnp.float32).astype(dtype)
+
+    h_MF = act(rdot(x_MD, w_gate_EDF))
+    if w_up_EDF is not None:
+      h_MF = h_MF * rdot(x_MD, w_up_EDF)
+    return rdot(h_MF, w_down_EFD)
+  # Block-padded grouped matmul: each block multiplies its own expert's (gathered) weights.
+  m, d = x_MD.shape
+  dest_M, expert_P, p, b = _block_layout(group_sizes_E, m)
+  # Scatter-adds into distinct rows: same as a set, and the transpose is a plain gather.
+  x_PBD = jnp.zeros((p * b, d), x_MD.dtype).at[dest_M].add(x_MD, mode='drop').reshape(p, b, d)
+  h_PBF = act(_bmatmul('pbd,pdf->pbf', x_PBD, w_gate_EDF[expert_P], dtype))
+  if w_up_EDF is not None:
+    h_PBF = h_PBF * _bmatmul('pbd,pdf->pbf', x_PBD, w_up_EDF[expert_P], dtype)
+  y_PBD = _bmatmul('pbf,pfd->pbd', h_PBF, w_down_EFD[expert_P], dtype)
+  return y_PBD.reshape(p * b, d).at[dest_M].get(mode='fill', fill_value=0)
+
+
+def capacity_slots(idx_NK, g: int, s: int, e: int, c: int):
+  """GShard/Switch capacity for G groups of S tokens, C slots per (group, expert).
+
+  -> (slot [G, k*S] int32, kept fraction of token-slots). Token-slot m = j*S + s is token s's
+  j-th choice (choice-major: every first choice ranks before any second choice, and within a
+  choice tokens rank by position, GShard Alg. 1). slot = (g*E + expert)*C + rank in that expert's
+  buffer, or G*E*C (out of range) when the rank is >= C: the slot is dropped and the block's
+  residual carries the token.
+  """
+  k = idx_NK.shape[-1]
+  idx_GM = idx_NK.reshape(g, s, k).transpose(0, 2, 1).reshape(g, k * s)
+  mask_GME = jax.nn.one_hot(idx_GM, e, dtype=jnp.int32)
+  pos_GM = jnp.sum((jnp.cumsum(mask_GME, axis=1) - 1) * mask_GME, axis=-1)
+  keep_GM = pos_GM < c
+  slot_GM = (jnp.arange(g, dtype=jnp.int32)[:, None] * e + idx_GM) * c + pos_GM
+  return jnp.where(keep_GM, slot_GM, g * e * c), jnp.mean(keep_GM.astype(jnp.float32))
+
+
+def dispatch(x_GSD, slot_GM, e: int, c: int, dtype) -> jax.Array:
+  """Token-slots into capacity buffers [G, E, C, D] (zeros where unfilled) by index: O(k*S*D)
+  data movement, where the one-hot einsum of Switch/GShard costs O(S*E*C*D), quadratic in S."""
+  g, s, d = x_GSD.shape
+  x_GMD = jnp.tile(x_GSD.astype(dtype), (1, slot_GM.shape[1] // s, 1))  # Slot j*S + s -> token s.
+  # A scatter-add (slots are distinct) transposes to a plain gather.
+  buf = jnp.zeros((g * e * c, d), dtype).at[slot_GM.reshape(-1)].add(x_GMD.reshape(-1, d),
+                                                                  mode='drop')
+  return buf.reshape(g, e, c, d)
+
+
+def combine(out_GECD, slot_GM, weights_NK) -> jax.Array:
+  """Expert outputs back to tokens, weighted by the gates and summed over the k choices:
+  [G, E, C, D] -> float32 [G, S, D]; dropped slots contribute zero."""
+  g, _, _, d = out_GECD.shape
+  k = weights_NK.shape[-1]
+  s = slot_GM.shape[1] // k
+  out_GMD = out_GECD.reshape(-1, d).at[slot_GM].get(mode='fill', fill_value=0)
+  w_GKS = weights_NK.reshape(g, s, k).transpose(0, 2, 1).astype(jnp.float32)
+  return jnp.einsum('gksd,gks->gsd', out_GMD.reshape(g, k, s, d).astype(jnp.float32), w_GKS)
+
+
 class MoE(nnx.Module):
   """Top-k routed expert FFNs (+ optional shared experts). [B,T,D] -> ([B,T,D], aux dict).
 
@@ -104,62 +222,22 @@ class MoE(nnx.Module):
       shared_cfg = dataclasses.replace(cfg, mlp_dim=moe_cfg.num_shared_experts * f)
       self.shared = MLP(shared_cfg, rngs)
 
-  # ---- Expert FFNs ----------------------------------------------------------------------------
-
-  def _experts_dense(self, x_GECD: jax.Array) -> jax.Array:
-    """Per-expert FFN on capacity buffers [G, E, C, D] -> [G, E, C, D]."""
-    dtype = jnp.dtype(self.cfg.dtype)
-    act = _ACTIVATION_FNS[self.cfg.activation]
-    h_GECF = act(_bmatmul('gecd,edf->gecf', x_GECD, self.w_gate[...], dtype))
-    if self.cfg.gated:
-      h_GECF = h_GECF * _bmatmul('gecd,edf->gecf', x_GECD, self.w_up[...], dtype)
-    return _bmatmul('gecf,efd->gecd', h_GECF, self.w_down[...], dtype)
-
-  def _experts_ragged(self, x_MD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
-    """Per-expert FFN on expert-sorted token-slots [M, D] -> [M, D] (grouped matmul)."""
-    dtype = jnp.dtype(self.cfg.dtype)
-    act = _ACTIVATION_FNS[self.cfg.activation]
-
-    def rdot(a, w):  # float32 accumulation, as in layers.matmul.
-      return jax.lax.ragged_dot(a.astype(dtype), w.astype(dtype), group_sizes_E,
-                                preferred_element_type=jnp.float32).astype(dtype)
-
-    h_MF = act(rdot(x_MD, self.w_gate[...]))
-    if self.cfg.gated:
-      h_MF = h_MF * rdot(x_MD, self.w_up[...])
-    return rdot(h_MF, self.w_down[...])
-
   # ---- Dispatch -------------------------------------------------------------------------------
 
+  def expert_weights(self) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """(w_gate [E,D,F], w_up [E,D,F] or None, w_down [E,F,D])."""
+    return (self.w_gate[...], self.w_up[...] if self.cfg.gated else None, self.w_down[...])
+
   def _capacity(self, x_ND, idx_NK, weights_NK, b, t):
-    """One-hot dispatch/combine with a fixed capacity per group (Switch/GShard)."""
+    """Fixed-capacity expert buffers per group (Switch/GShard)."""
     mc = self.moe_cfg
-    e, k = mc.num_experts, mc.top_k
     g = b if mc.capacity_group == 'sequence' else 1
     s = (b * t) // g
-    c = mc.capacity(s)
-    dtype = jnp.dtype(self.cfg.dtype)
-    # Choice-major slot order [G, k*S]: every first choice ranks before any second choice, and
-    # within a choice tokens rank by position (GShard Alg. 1).
-    idx_GM = idx_NK.reshape(g, s, k).transpose(0, 2, 1).reshape(g, k * s)
-    w_GM = weights_NK.reshape(g, s, k).transpose(0, 2, 1).reshape(g, k * s)
-    mask_GME = jax.nn.one_hot(idx_GM, e, dtype=jnp.int32)
-    pos_GM = jnp.sum((jnp.cumsum(mask_GME, axis=1) - 1) * mask_GME, axis=-1)
-    keep_GM = pos_GM < c   # Overflow slots are dropped; the block's residual carries them.
-    # [G, M, E, C] one-hot of (expert, slot in its buffer); all-zero for dropped slots.
-    disp_GMEC = (mask_GME.astype(jnp.float32)[..., None]
-                 * jax.nn.one_hot(jnp.where(keep_GM, pos_GM, c), c, dtype=jnp.float32)[:, :, None, :])
-    # Back to token order and sum the k choices (a token never picks one expert twice).
-    disp_GSKEC = disp_GMEC.reshape(g, k, s, e, c).transpose(0, 2, 1, 3, 4)
-    w_GSK = w_GM.reshape(g, k, s).transpose(0, 2, 1)
-    dispatch_GSEC = jnp.sum(disp_GSKEC, axis=2)
-    combine_GSEC = jnp.einsum('gskec,gsk->gsec', disp_GSKEC, w_GSK.astype(jnp.float32))
-    x_GSD = x_ND.reshape(g, s, -1)
-    x_GECD = _bmatmul('gsec,gsd->gecd', dispatch_GSEC, x_GSD, dtype)
-    out_GECD = self._experts_dense(x_GECD)
-    y_GSD = jnp.einsum('gsec,gecd->gsd', combine_GSEC, out_GECD.astype(jnp.float32))
-    dropped = 1.0 - jnp.mean(keep_GM.astype(jnp.float32))
-    return y_GSD.reshape(b * t, -1), dropped
+    e, c = mc.num_experts, mc.capacity(s)
+    slot_GM, kept = capacity_slots(idx_NK, g, s, e, c)
+    x_GECD = dispatch(x_ND.reshape(g, s, -1), slot_GM, e, c, jnp.dtype(self.cfg.dtype))
+    out_GECD = experts_dense(self.cfg, x_GECD, *self.expert_weights())
+    return combine(out_GECD, slot_GM, weights_NK).reshape(b * t, -1), 1.0 - kept
 
   def _dropless(self, x_ND, idx_NK, weights_NK):
     """Sort token-slots by expert, grouped matmul, unsort, weighted sum over k (MegaBlocks)."""
@@ -168,8 +246,8 @@ class MoE(nnx.Module):
     order_M = jnp.argsort(expert_M, stable=True)  # sorted position -> slot
     x_sorted_MD = jnp.take(x_ND, order_M // k, axis=0)
     group_sizes_E = jnp.bincount(expert_M, length=e).astype(jnp.int32)
-    out_sorted_MD = self._experts_ragged(x_sorted_MD, group_sizes_E)
-    out_MD = jnp.zeros_like(out_sorted_MD).at[order_M].set(out_sorted_MD)
+    out_sorted_MD = experts_ragged(self.cfg, x_sorted_MD, group_sizes_E, *self.expert_weights())
+    out_MD = jnp.zeros_like(out_sorted_MD).at[order_M].add(out_sorted_MD)  # Unsort (a permutation).
     out_NKD = out_MD.reshape(x_ND.shape[0], k, -1).astype(jnp.float32)
     y_ND = jnp.einsum('nkd,nk->nd', out_NKD, weights_NK.astype(jnp.float32))
     return y_ND, jnp.zeros((), jnp.float32)
@@ -185,7 +263,13 @@ class MoE(nnx.Module):
     logits_NE = jnp.einsum('nd,de->ne', x_ND.astype(jnp.float32), self.router[...])
     idx_NK, weights_NK, probs_NE = route(logits_NE, self.router_bias[...], mc)
 
-    if mc.dispatch == 'dropless':
+    ep = moe_parallel.active_plan(mc, b, t)
+    if ep is not None:  # Experts split over a mesh axis; tokens travel by all-to-all.
+      y_BTD, dropped = moe_parallel.expert_parallel_ffn(
+          self.cfg, mc, ep, x_BTD, idx_NK.reshape(b, t, -1), weights_NK.reshape(b, t, -1),
+          self.expert_weights())
+      y_ND = y_BTD.reshape(b * t, d)
+    elif mc.dispatch == 'dropless':
       y_ND, dropped = self._dropless(x_ND, idx_NK, weights_NK)
     else:
       y_ND, dropped = self._capacity(x_ND, idx_NK, weights_NK, b, t)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from model import sharding
+from model import pipeline, sharding
 from model.attention import Attention
 from model.config import ModelConfig
 from model.layers import MLP, Embedder, RMSNorm
@@ -119,13 +120,21 @@ class Decoder(nnx.Module):
     x_BTD = self.embedder.encode(tokens_BT)
     cfg = self.cfg
 
-    def body(x_BTD, unit, unit_cache, window_U, base_U, scaled_U):
-      return unit(x_BTD, positions_BT, unit_cache, index, window_U, base_U, scaled_U)
+    def make_scan(positions_BT):
+      def body(x_BTD, unit, unit_cache, window_U, base_U, scaled_U):
+        return unit(x_BTD, positions_BT, unit_cache, index, window_U, base_U, scaled_U)
 
-    if cfg.remat != 'none':
-      body = nnx.remat(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    # A None cache has no leaves, so axis 0 is harmless in the training forward.
-    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
+      if cfg.remat != 'none':
+        body = nnx.remat(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+      # A None cache has no leaves, so axis 0 is harmless in the training forward.
+      return nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
+
+    scan = make_scan(positions_BT)
+    # Pipeline parallelism (model/pipeline.py) when the trainer turns it on; decoding with a
+    # KV cache always runs the plain scan.
+    pipe = pipeline.active() if cache is None else None
+    if pipe is not None:
+      pipe.check_fits(cfg.layer_groups(), b)
 
     kinds = cfg.layer_kinds()
     new_cache, aux, first = {}, {}, 0
@@ -139,14 +148,33 @@ class Decoder(nnx.Module):
       base_RU = jnp.asarray([cfg.rope_base_local or cfg.rope_base if k == 'L' else cfg.rope_base
                              for k in span], jnp.float32).reshape(repeats, -1)
       scaled_RU = jnp.asarray([k == 'G' for k in span]).reshape(repeats, -1)  # Global layers only.
-      x_BTD, stack_cache, stack_aux = scan(x_BTD, getattr(self, name),
-                                           None if cache is None else cache[name],
-                                           window_RU, base_RU, scaled_RU)
+      if pipe is not None:
+        x_BTD, stack_aux = self._pipelined(getattr(self, name), make_scan, positions_BT, x_BTD,
+                                           (window_RU, base_RU, scaled_RU), pipe)
+        stack_cache = None
+      else:
+        x_BTD, stack_cache, stack_aux = scan(x_BTD, getattr(self, name),
+                                             None if cache is None else cache[name],
+                                             window_RU, base_RU, scaled_RU)
       new_cache[name] = stack_cache
       if any(stack_aux.values()):
         aux[name] = {p: a for p, a in stack_aux.items() if a}
     logits_BTV = self.embedder.decode(self.final_norm(x_BTD))
     return logits_BTV, (None if cache is None else new_cache), aux
+
+  @staticmethod
+  def _pipelined(stack, make_scan, positions_BT, x_BTD, per_layer, pipe):
+    """The stack's plain scan body run on each stage's chunk of layers by `pipeline.run`."""
+    graphdef, state = nnx.split(stack)
+    specs = nnx.get_partition_spec(state)
+    names = [tuple(p) for p in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))]
+    scan = make_scan(positions_BT[:x_BTD.shape[0] // pipe.microbatches])  # Rows are identical.
+
+    def stage_fn(chunk, x_bTD, per_layer_chunk):
+      x_bTD, _, aux = scan(x_bTD, nnx.merge(graphdef, chunk), None, *per_layer_chunk)
+      return x_bTD, aux
+
+    return pipeline.run(stage_fn, state, names, per_layer, x_BTD, pipe)
 
 
 def init_cache(cfg: ModelConfig, batch: int, size: int) -> dict:

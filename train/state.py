@@ -33,9 +33,14 @@ def param_shardings(model_cfg: ModelConfig, mesh: Mesh, rules) -> tuple[Any, Any
   graphdef, abs_state = nnx.split(transformer.abstract(model_cfg))
   specs = nnx.get_partition_spec(abs_state).to_pure_dict()
   abs_params = abs_state.to_pure_dict()
-  shardings = jax.tree.map(
-      lambda spec, a: NamedSharding(mesh, sharding.logical_to_spec(tuple(spec), rules, a.shape, mesh)),
-      specs, abs_params, is_leaf=lambda x: isinstance(x, P))
+  def one(path, spec, a):
+    try:
+      return NamedSharding(mesh, sharding.logical_to_spec(tuple(spec), rules, a.shape, mesh))
+    except sharding.ShardingError as e:  # Name the parameter: the rule table alone is ambiguous.
+      raise sharding.ShardingError(f'parameter {jax.tree_util.keystr(path)} {tuple(spec)}: {e}') from None
+
+  shardings = jax.tree_util.tree_map_with_path(one, specs, abs_params,
+                                               is_leaf=lambda x: isinstance(x, P))
   return graphdef, abs_params, shardings
 
 

@@ -288,6 +288,49 @@ def train_tokenizer(docs: Sequence[Any], vocab_size: int, model_type: str = 'bpe
 
 
 # ------------------------------------------------------------------------------------------------
+# Loading: palmax SentencePiece models, or a checkpoint's own tokenizer.
+
+HF_TOKENIZER_DIR = 'hf_tokenizer'   # In a workdir: the HF tokenizer files (kind 'hf').
+
+
+def load_tokenizer(path: str):
+  """A SentencePiece `.model` palmax can use as is (its own, or any with pad=0 and eos/bos), else
+  a checkpoint tokenizer (`train/hf_tokenizer.py`): a directory of HF tokenizer files
+  (tokenizer.model and/or tokenizer.json), or a SentencePiece model with another id layout
+  (e.g. Llama's)."""
+  path = os.fspath(path)
+  from train import hf_tokenizer
+  if os.path.isdir(path):
+    return hf_tokenizer.HFTokenizer(path)
+  if path.endswith('.json'):
+    raise ValueError(f'data.tokenizer.path {path!r}: pass the directory holding tokenizer.json '
+                     '(its tokenizer_config.json names the special tokens)')
+  try:
+    return Tokenizer.load(path)
+  except ValueError as e:
+    if not os.path.isfile(path) or 'not a SentencePiece model' in str(e):
+      raise
+    return hf_tokenizer.HFTokenizer.from_model_file(path)
+
+
+def load_workdir_tokenizer(workdir: str):
+  """The tokenizer a workdir was trained (or converted) with: `tokenizer.json`'s kind 'hf' means
+  a checkpoint tokenizer in `WORKDIR/hf_tokenizer/`, otherwise `WORKDIR/tokenizer.model`."""
+  meta_path = os.path.join(workdir, 'tokenizer.json')
+  meta = {}
+  if os.path.isfile(meta_path):
+    try:
+      with open(meta_path) as f:
+        meta = json.load(f)
+    except (OSError, ValueError):
+      meta = {}
+  if meta.get('kind') == 'hf':
+    from train import hf_tokenizer
+    return hf_tokenizer.HFTokenizer(os.path.join(workdir, meta.get('dir', HF_TOKENIZER_DIR)))
+  return Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
+
+
+# ------------------------------------------------------------------------------------------------
 # Config entry point with a workdir cache.
 
 
@@ -335,15 +378,20 @@ def get_tokenizer(data_cfg: Any, train_docs: Sequence[Any], workdir: str | None)
   vocab_size = int(_cfg(tcfg, 'vocab_size', 8192))
   path = _cfg(tcfg, 'path', '') or ''
   if path:
-    tok = Tokenizer.load(path)
+    tok = load_tokenizer(path)
     if tok.vocab_size > vocab_size:
       raise ValueError(f'data.tokenizer.path {path!r} has {tok.vocab_size} pieces, more than '
                        f'data.tokenizer.vocab_size={vocab_size}')
     if workdir:
-      tok.save(os.path.join(workdir, 'tokenizer.model'))
+      kind = {}
+      if isinstance(tok, Tokenizer):
+        tok.save(os.path.join(workdir, 'tokenizer.model'))
+      else:  # A checkpoint's own tokenizer (train/hf_tokenizer.py): a directory of HF files.
+        tok.save(os.path.join(workdir, HF_TOKENIZER_DIR))
+        kind = {'kind': 'hf', 'dir': HF_TOKENIZER_DIR}
       _atomic_write(os.path.join(workdir, 'tokenizer.json'), json.dumps(
           {'key': f'copied:{tok.digest}', 'source_path': os.path.abspath(path),
-           'vocab_size': tok.vocab_size, 'model_sha256': tok.digest}, indent=1).encode())
+           'vocab_size': tok.vocab_size, 'model_sha256': tok.digest, **kind}, indent=1).encode())
     return tok
 
   model_type = _cfg(tcfg, 'model_type', 'bpe') or 'bpe'

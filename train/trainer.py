@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from model import sharding
+from model import pipeline, sharding
 from model.config import ConfigError, ModelConfig
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
@@ -37,10 +37,15 @@ class RunResult:
   interrupted: bool = False
 
 
-def check_config(cfg, model_cfg: ModelConfig, mesh) -> None:
+def check_config(cfg, model_cfg: ModelConfig, mesh, rules=None, pipe=None) -> None:
   """Cross-section consistency checks, each naming the field (before anything is built)."""
   t = cfg.train
-  n_batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
+  n_batch_shards = sharding.batch_shards(mesh, rules or sharding.check_rules(cfg.mesh.rules))
+  if model_cfg.moe is not None and model_cfg.moe.num_experts % mesh.shape['expert']:
+    raise ConfigError(f'config.model.moe.num_experts={model_cfg.moe.num_experts} is not divisible '
+                      f'by the mesh expert axis size {mesh.shape["expert"]}')
+  if pipe is not None:
+    pipe.check_fits(model_cfg.layer_groups(), t.batch_size // max(t.grad_accum, 1), n_batch_shards)
   if t.batch_size <= 0 or t.steps <= 0:
     raise ConfigError(f'config.train.batch_size ({t.batch_size}) and config.train.steps '
                       f'({t.steps}) must be positive')
@@ -88,11 +93,15 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
   with a checkpoint, as a preemption would (for tests and time-boxed runs)."""
   model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
   t = cfg.train
-  rules = sharding.check_rules(cfg.mesh.rules)
-  mesh = sharding.make_mesh({a: cfg.mesh[a] for a in sharding.MESH_AXES})
-  check_config(cfg, model_cfg, mesh)
+  mesh, rules = sharding.mesh_from_config(cfg.mesh)
+  pipe = pipeline.PipelineConfig.from_config(cfg.get('pipeline'), mesh.shape['pipeline'])
+  check_config(cfg, model_cfg, mesh, rules, pipe)
 
-  data = data_lib.build_data(cfg, workdir, jax.process_index(), jax.process_count())
+  batch_sh = NamedSharding(mesh, sharding.logical_to_spec(('batch', None), rules,
+                                                          (t.batch_size, 1), mesh))
+  # Each process reads only the rows its devices hold (processes holding the same rows, e.g.
+  # different pipeline stages, read the same block).
+  data = data_lib.build_data(cfg, workdir, *sharding.process_rows(batch_sh, t.batch_size))
   if data.tokenizer.vocab_size > model_cfg.vocab_size:
     raise ConfigError(f'the tokenizer has {data.tokenizer.vocab_size} tokens but '
                       f'config.model.vocab_size={model_cfg.vocab_size}')
@@ -108,6 +117,12 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
     log(f'Resumed from {ckpt.directory} at step {int(state["step"])}')
   else:
     state = state_lib.init_state(spec, model_cfg, tx, t.seed)
+    if t.get('init_from'):  # Continued pretraining / fine-tuning: its weights, a fresh optimizer.
+      from train import checkpoint_stream
+      state['params'], src_step = checkpoint_stream.init_params(
+          t.init_from, model_cfg, spec.abstract_state['params'])
+      log(f'Initialised parameters from {t.init_from} (its step {src_step}); optimizer and step '
+          'start fresh')
   if jax.process_index() == 0:
     # Written only after any existing checkpoint was found to fit, so a refused run never
     # overwrites the config that sampling reads.
@@ -116,12 +131,13 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
   n_params, n_active = model_cfg.param_count(), model_cfg.active_param_count()
   active = f' ({n_active / 1e6:.2f}M active per token)' if n_active != n_params else ''
   log(f'Model: {n_params / 1e6:.2f}M parameters{active}; mesh {dict(mesh.shape)}')
+  if pipe.enabled:
+    log(f'Pipeline: {pipe.schedule}, {pipe.stages} stages x {pipe.repeats} repeats, '
+        f'{pipe.microbatches} microbatches; bubble fraction {pipe.bubble_fraction:.3f}')
   log(f'Data: {data.info["source"]} corpus {data.info["fingerprint"][:12]}, '
       f'{data.info["train_tokens"]:,} training and {data.info["val_tokens"]:,} validation tokens, '
       f'{data.val_bytes_per_token:.2f} bytes/token (tokenizer vocab {data.tokenizer.vocab_size})')
 
-  batch_sh = NamedSharding(mesh, sharding.logical_to_spec(('batch', None), rules,
-                                                          (t.batch_size, 1), mesh))
   weights_sh = batch_sh
   replicated = NamedSharding(mesh, P())
   train_step = jax.jit(
@@ -158,9 +174,9 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
   interrupted = False
   t_last, step_last, t_first = None, step, None
   try:
-    with sharding.use_mesh(mesh, rules), _StopFlag() as stop:
+    with sharding.use_mesh(mesh, rules), pipeline.use_pipeline(pipe), _StopFlag() as stop:
       while step < t.steps:
-        batch = _local_global(next(data.train), batch_sh)
+        batch = _local_global(next(data.train), batch_sh, t.batch_size)
         state, m = train_step(state, batch)
         step += 1
         m = metrics_lib.flatten(jax.device_get(m))  # Per-layer MoE arrays -> scalars.
@@ -215,6 +231,6 @@ def _global(x: np.ndarray, sh: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
 
 
-def _local_global(x: np.ndarray, sh: NamedSharding) -> jax.Array:
+def _local_global(x: np.ndarray, sh: NamedSharding, global_rows: int) -> jax.Array:
   """A global array from this process's rows of the global batch."""
-  return jax.make_array_from_process_local_data(sh, x)
+  return jax.make_array_from_process_local_data(sh, x, (global_rows,) + x.shape[1:])

@@ -16,6 +16,11 @@ PUBLISHED = {
     'gemma3_1b': (999_885_952, 0),
     'llama3_8b': (8_030_261_248, 0),
     'mistral_7b': (7_241_732_096, 0),
+    'mixtral_8x7b': (46_702_792_704, 0),
+}
+# Parameters one token uses (MoE: top-k experts + router), where it differs from the total.
+PUBLISHED_ACTIVE = {
+    'mixtral_8x7b': (12.9e9, 0.002),   # Jiang et al. 2024: "12.9B active"; exactly 12,879,925,248.
 }
 
 
@@ -27,6 +32,8 @@ def test_reference_param_counts(name):
   assert built == model_cfg.param_count()
   want, rtol = PUBLISHED[name]
   assert built == pytest.approx(want, rel=rtol, abs=0)
+  want_active, rtol = PUBLISHED_ACTIVE.get(name, (built, 0))
+  assert model_cfg.active_param_count() == pytest.approx(want_active, rel=rtol, abs=0)
 
 
 @pytest.mark.parametrize('name', ['tiny', 'small'])

@@ -1,4 +1,8 @@
-"""Logit parity with Hugging Face transformers for tiny random Llama/Mistral/Gemma 1/2/3 models."""
+"""Logit parity with Hugging Face transformers for tiny random Llama/Mistral/Mixtral/Gemma 1/2/3
+models, full and cached (prefill + several single-token steps), with sliding windows shorter than
+the sequence; config mapping both ways; weight round trips."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +27,10 @@ FAMILIES = {
     'llama3_rope': lambda: transformers.LlamaConfig(num_hidden_layers=2, rope_parameters=LLAMA3,
                                                     **COMMON),
     'mistral': lambda: transformers.MistralConfig(num_hidden_layers=2, sliding_window=4, **COMMON),
+    # Mixtral: 4 experts, top-2, softmax over the kept logits; sliding window 4 < T.
+    'mixtral': lambda: transformers.MixtralConfig(num_hidden_layers=2, sliding_window=4,
+                                                  num_local_experts=4, num_experts_per_tok=2,
+                                                  router_aux_loss_coef=0.02, **COMMON),
     'gemma': lambda: transformers.GemmaConfig(num_hidden_layers=2, **COMMON),
     'gemma2': lambda: transformers.Gemma2Config(num_hidden_layers=4, sliding_window=4,
                                                 query_pre_attn_scalar=24,
@@ -153,3 +161,49 @@ def test_missing_and_misshapen_tensors_are_named():
   bad['model.layers.0.self_attn.k_proj.weight'] = np.zeros((16, 64), np.float32)
   with pytest.raises(ValueError, match=r"k_proj\.weight.*\(16, 64\).*expected \(32, 64\)"):
     hf.params_from_hf(bad, cfg)
+
+
+def test_mixtral_fused_state_dict_round_trips_to_hub_names():
+  # transformers 5 holds experts fused in memory (mlp.experts.gate_up_proj [E, 2F, D]); export
+  # writes the per-expert hub names (block_sparse_moe.experts.{e}.w1/w2/w3) that every
+  # transformers version loads. Values must match bit for bit.
+  hf_cfg, sd, _, _ = _hf_model('mixtral')
+  cfg = hf.config_from_hf(hf_cfg)
+  assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.gating) == (4, 2, 'topk_softmax')
+  assert cfg.moe.aux_loss_coef == pytest.approx(0.04)  # HF sums over k choices, palmax averages.
+  back = hf.params_to_hf(hf.params_from_hf(sd, cfg), cfg)
+  f = cfg.moe.expert_mlp_dim
+  for i in range(cfg.num_layers):
+    gu, down = sd[f'model.layers.{i}.mlp.experts.gate_up_proj'], sd[f'model.layers.{i}.mlp.experts.down_proj']
+    pre = f'model.layers.{i}.block_sparse_moe.'
+    assert np.array_equal(back[pre + 'gate.weight'], sd[f'model.layers.{i}.mlp.gate.weight'])
+    for e in range(cfg.moe.num_experts):
+      assert np.array_equal(back[f'{pre}experts.{e}.w1.weight'], gu[e, :f])
+      assert np.array_equal(back[f'{pre}experts.{e}.w3.weight'], gu[e, f:])
+      assert np.array_equal(back[f'{pre}experts.{e}.w2.weight'], down[e])
+  # The hub names read back to the same palmax params.
+  again = hf.params_from_hf(back, cfg)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), again, hf.params_from_hf(sd, cfg))
+
+
+@pytest.mark.parametrize('name', list(FAMILIES))
+def test_config_to_hf_inverts_config_from_hf(name):
+  cfg = hf.config_from_hf(FAMILIES[name]())
+  family = hf.family_of(FAMILIES[name]())
+  d = hf.config_to_hf(cfg, family)
+  assert hf.config_from_hf(d) == cfg
+  # transformers itself accepts the dict and reads it back to the same model.
+  hf_cfg = transformers.AutoConfig.for_model(**d)
+  assert hf.config_from_hf(hf_cfg) == cfg
+
+
+def test_config_to_hf_names_what_the_family_cannot_hold():
+  cfg = hf.config_from_hf(FAMILIES['gemma2']())
+  with pytest.raises(ValueError, match=r'no HF llama equivalent for: .*attn_softcap=5\.0'):
+    hf.config_to_hf(cfg, 'llama')
+  with pytest.raises(ValueError, match='block'):
+    hf.config_to_hf(dataclasses.replace(cfg, block='parallel'), 'gemma2')
+  with pytest.raises(ValueError, match='dense model has no HF mixtral'):
+    hf.config_to_hf(hf.config_from_hf(FAMILIES['mistral']()), 'mixtral')
+  with pytest.raises(ValueError, match="unknown family 'gpt2'"):
+    hf.config_to_hf(cfg, 'gpt2')
