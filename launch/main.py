@@ -44,6 +44,10 @@ def main(argv):
   os.makedirs(workdir, exist_ok=True)
   try:
     log = print if jax.process_index() == 0 else (lambda *_: None)  # Log once per job.
+    if 'sweep' in cfg:  # configs/sweeps/*: the whole sweep, or one point of it (launch/sweep.py).
+      from launch import sweep
+      sweep.run_from_launcher(cfg, workdir, log=log)
+      return
     result = trainer.train(cfg, workdir, log=log)
     if _SAMPLE.value and cfg.sample.num_samples > 0 and jax.process_index() == 0:
       print(f'\n--- {cfg.sample.num_samples} samples from step {result.step} '
