@@ -13,16 +13,22 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/tiny.py.')
-flags.mark_flag_as_required('config')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after 2 warm-up steps).')
-_DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes to compare.')
+
+def _define_flags() -> None:
+  """CLI flags, defined only when this module is the program, so tests and other modules
+  can import its functions without absl duplicate-flag clashes."""
+  global _CONFIG, _STEPS, _DTYPES
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/tiny.py.')
+  flags.mark_flag_as_required('config')
+  _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after 2 warm-up steps).')
+  _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes to compare.')
+
 
 
 def bench_step(cfg, dtype: str, steps: int) -> dict:
   import jax
   import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
 
   from model import sharding
   from model.config import ModelConfig
@@ -83,4 +89,5 @@ def main(argv):
 
 if __name__ == '__main__':
   from launch.errors import parse_flags
+  _define_flags()
   app.run(main, flags_parser=parse_flags)

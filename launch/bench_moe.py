@@ -21,17 +21,22 @@ import time
 
 from absl import app, flags
 
-_TOKENS = flags.DEFINE_integer('tokens', 4096, 'Tokens per step (batch * seq_len).')
-_SEQ = flags.DEFINE_integer('seq_len', 256, 'Tokens per row; capacity groups span the whole batch.')
-_D = flags.DEFINE_integer('d_model', 256, 'Model width D.')
-_E = flags.DEFINE_integer('num_experts', 8, 'Routed experts E.')
-_K = flags.DEFINE_integer('top_k', 2, 'Experts per token k.')
-_F = flags.DEFINE_integer('expert_mlp_dim', 512, 'Expert hidden width F (dense: k*F).')
-_ACT = flags.DEFINE_string('activation', 'swiglu', 'swiglu | geglu | gelu.')
-_DTYPE = flags.DEFINE_string('dtype', 'float32', 'Compute dtype (parameters stay float32).')
-_CF = flags.DEFINE_list('capacity_factors', ['1.0', '1.25'], 'Capacity factors to time.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per row (median reported).')
-_PEAK = flags.DEFINE_float('peak_gflops', 0.0, 'Matmul peak for the MFU column; 0 = measure.')
+
+def _define_flags() -> None:
+  """CLI flags, defined only when this module is the program, so tests and other modules
+  can import its functions without absl duplicate-flag clashes."""
+  global _TOKENS, _SEQ, _D, _E, _K, _F, _ACT, _DTYPE, _CF, _STEPS, _PEAK
+  _TOKENS = flags.DEFINE_integer('tokens', 4096, 'Tokens per step (batch * seq_len).')
+  _SEQ = flags.DEFINE_integer('seq_len', 256, 'Tokens per row; capacity groups span the whole batch.')
+  _D = flags.DEFINE_integer('d_model', 256, 'Model width D.')
+  _E = flags.DEFINE_integer('num_experts', 8, 'Routed experts E.')
+  _K = flags.DEFINE_integer('top_k', 2, 'Experts per token k.')
+  _F = flags.DEFINE_integer('expert_mlp_dim', 512, 'Expert hidden width F (dense: k*F).')
+  _ACT = flags.DEFINE_string('activation', 'swiglu', 'swiglu | geglu | gelu.')
+  _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Compute dtype (parameters stay float32).')
+  _CF = flags.DEFINE_list('capacity_factors', ['1.0', '1.25'], 'Capacity factors to time.')
+  _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per row (median reported).')
+  _PEAK = flags.DEFINE_float('peak_gflops', 0.0, 'Matmul peak for the MFU column; 0 = measure.')
 
 
 def _configs(d_model, num_experts, top_k, expert_mlp_dim, activation, dtype, seq_len):
@@ -149,4 +154,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

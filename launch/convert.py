@@ -21,18 +21,25 @@ import shutil
 
 from absl import app, flags, logging
 
-_FROM = flags.DEFINE_enum('from', None, ['hf'], 'Import: --src is a HF checkpoint directory.')
-_TO = flags.DEFINE_enum('to', None, ['hf'], 'Export: --src is a palmax workdir.')
-_FAMILY = flags.DEFINE_string('family', None, 'llama | mistral | mixtral | gemma | gemma2 | gemma3')
-_SRC = flags.DEFINE_string('src', None, 'Source directory.')
-_DST = flags.DEFINE_string('dst', None, 'Destination directory (must not exist, or be empty).')
-_PARAM_DTYPE = flags.DEFINE_enum('param_dtype', 'float32', ['float32', 'bfloat16'],
-                                 'Import: parameter dtype of the palmax checkpoint.')
-_DTYPE = flags.DEFINE_enum('dtype', 'auto', ['auto', 'float32', 'bfloat16', 'float16'],
-                           "Export: tensor dtype; 'auto' = each tensor's dtype at import (float32 "
-                           'for palmax-trained models), exactly. An explicit dtype rounds.')
-_MAX_SHARD = flags.DEFINE_string('max_shard_size', '5GB', 'Export: largest safetensors shard.')
-_STEP = flags.DEFINE_integer('step', None, 'Export: checkpoint step (default: latest).')
+
+def _define_flags() -> None:
+  """CLI flags, defined only when this module is the program, so tests and other modules
+  can import its functions without absl duplicate-flag clashes."""
+  global _FROM, _TO, _FAMILY, _SRC, _DST, _PARAM_DTYPE, _DTYPE, _MAX_SHARD, _STEP
+  _FROM = flags.DEFINE_enum('from', None, ['hf'], 'Import: --src is a HF checkpoint directory.')
+  _TO = flags.DEFINE_enum('to', None, ['hf'], 'Export: --src is a palmax workdir.')
+  _FAMILY = flags.DEFINE_string('family', None, 'llama | mistral | mixtral | gemma | gemma2 | gemma3')
+  _SRC = flags.DEFINE_string('src', None, 'Source directory.')
+  _DST = flags.DEFINE_string('dst', None, 'Destination directory (must not exist, or be empty).')
+  _PARAM_DTYPE = flags.DEFINE_enum('param_dtype', 'float32', ['float32', 'bfloat16'],
+                                   'Import: parameter dtype of the palmax checkpoint.')
+  _DTYPE = flags.DEFINE_enum('dtype', 'auto', ['auto', 'float32', 'bfloat16', 'float16'],
+                             "Export: tensor dtype; 'auto' = each tensor's dtype at import (float32 "
+                             'for palmax-trained models), exactly. An explicit dtype rounds.')
+  _MAX_SHARD = flags.DEFINE_string('max_shard_size', '5GB', 'Export: largest safetensors shard.')
+  _STEP = flags.DEFINE_integer('step', None, 'Export: checkpoint step (default: latest).')
+
+
 
 
 def main(argv):
@@ -85,4 +92,5 @@ def run(from_: str | None, to: str | None, family: str | None, src: str | None, 
 
 if __name__ == '__main__':
   from launch.errors import parse_flags
+  _define_flags()
   app.run(main, flags_parser=parse_flags)

@@ -11,7 +11,6 @@ import math
 import os
 import signal
 import time
-from typing import Any
 
 import jax
 import numpy as np
