@@ -22,7 +22,8 @@ FAMILIES = {
     'gemma2': ('gemma2', 'Gemma2ForCausalLM'),
     'gemma3': ('gemma3_text', 'Gemma3ForCausalLM'),
 }
-SUPPORTED_MODEL_TYPES = ('llama', 'mistral', 'mixtral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3')
+# Multimodal Gemma 3 checkpoints say 'gemma3'; their text decoder is what gets imported.
+SUPPORTED_MODEL_TYPES = tuple(t for t, _ in FAMILIES.values()) + ('gemma3',)
 _GELU_TANH = ('gelu_pytorch_tanh', 'gelu_new', 'gelu_fast', 'gelu_tanh')
 # ModelConfig / MoEConfig fields that are palmax run-time choices, not architecture: HF has no
 # value for them, so they never block an export and `config_from_hf` takes them as overrides.
