@@ -16,6 +16,7 @@ def get_config():
   cfg.model.moe = ml_collections.ConfigDict(dict(
       num_experts=8, top_k=2, expert_mlp_dim=384,
       gating='softmax_topk', renormalize=True,   # GShard top-2: the kept pair sums to 1.
+      routed_scaling_factor=1.0, num_shared_experts=0,
       # Dropless (MegaBlocks): with capacity dispatch per sequence at factor 1.25, 15-20% of
       # token-slots were still dropped at step 150 (per-row imbalance is far larger than the
       # batch's), and that run lost to dense tiny (val loss 6.19 vs 6.10). On XLA:CPU both modes

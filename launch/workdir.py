@@ -18,25 +18,28 @@ def load_config(workdir: str):
 
 
 def load_model(workdir: str, step: int | None = None):
-  """(cfg, graphdef, params, tokenizer) from a workdir, on a 1-device mesh."""
+  """(cfg, model_cfg, graphdef, params, tokenizer) from a workdir, on a 1-device mesh. Only the
+  parameters are read (not the optimizer's moments, twice their size)."""
   import jax
   from model import sharding
   from model.config import ModelConfig
-  from train import checkpoint as ckpt_lib, optim, state as state_lib
+  from train import checkpoint_stream, state as state_lib
   from train.tokenizer import load_workdir_tokenizer
 
   cfg = load_config(workdir)
   model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
   mesh = sharding.make_mesh({'data': 1}, jax.devices()[:1])
-  tx, _ = optim.make_optimizer(cfg.train, cfg.train.steps)
-  spec = state_lib.make_state_spec(model_cfg, tx, mesh, sharding.check_rules(cfg.mesh.rules))
-  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f'no checkpoint in {ckpt.directory}: train first')
-  state, _ = ckpt.restore(spec.abstract_state, step=step, expect={'model': model_cfg.to_dict()})
-  ckpt.close()
+  graphdef, abstract, shardings = state_lib.param_shardings(
+      model_cfg, mesh, sharding.check_rules(cfg.mesh.rules))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  try:
+    params, record = checkpoint_stream.restore_params(workdir, abstract, step)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'{e}: train first') from None
+  checkpoint_stream.check_model(record, model_cfg, workdir)
   tokenizer = load_workdir_tokenizer(workdir)   # palmax's own, or a converted checkpoint's.
-  return cfg, model_cfg, spec.graphdef, state['params'], tokenizer
+  return cfg, model_cfg, graphdef, params, tokenizer
 
 
 def sample_kwargs(sample_cfg) -> dict:
@@ -53,11 +56,12 @@ def sample_workdir(workdir: str, *, prompt: str, max_new_tokens: int, num_sample
   from model import decode
 
   _, model_cfg, graphdef, params, tok = load_model(workdir, step)
-  # Training documents follow an EOS, so a prompt starts with one. Trailing newline+indentation
+  # A prompt opens like a training document: after EOS in palmax's packing, on BOS in a converted
+  # HF checkpoint (`doc_start_id`). Trailing newline+indentation
   # is left for the model to write: the tokenizer merges a newline with its indentation, so a
   # prompt ending on a bare newline would be an unusual token boundary.
   prompt = prompt.rstrip(' \n')
-  ids = [tok.eos_id] + tok.encode(prompt)
+  ids = [tok.doc_start_id] + tok.encode(prompt)
   decode.check_prompt(len(ids), max_new_tokens, model_cfg)
   prompt_BP = jnp.asarray([ids] * num_samples, jnp.int32)
   new_BN = decode.generate(graphdef, params, prompt_BP, jax.random.key(seed),

@@ -48,6 +48,10 @@ class MoEConfig:
   # kept k logits (Mixtral); sigmoid: DeepSeek-V3.
   gating: str = 'softmax_topk'
   renormalize: bool = False       # softmax_topk only: rescale the kept k probabilities to sum 1.
+  # Multiplies the routed experts' gate weights (DeepSeek-V2/V3 "routed scaling factor", 2.5 in
+  # V3): renormalised top-k weights sum to 1, so k experts of width F/k give 1/k of a dense FFN's
+  # output until they grow; a factor k makes them a dense FFN of width F sliced k ways.
+  routed_scaling_factor: float = 1.0
   num_shared_experts: int = 0     # Always-on experts, each of width F (DeepSeekMoE).
   dispatch: str = 'capacity'      # capacity (drop overflow) | dropless (ragged_dot, MegaBlocks).
   capacity_factor: float = 1.25   # C = ceil(S * k / E * capacity_factor), S tokens per group.
@@ -85,8 +89,10 @@ class MoEConfig:
         raise ConfigError(f'config.model.moe.{name}={getattr(self, name)!r}; expected one of {allowed}')
     if not isinstance(self.renormalize, bool):
       raise ConfigError(f'config.model.moe.renormalize must be a bool, got {self.renormalize!r}')
-    if not self.capacity_factor > 0:
-      raise ConfigError(f'config.model.moe.capacity_factor={self.capacity_factor} must be > 0')
+    for name in ('capacity_factor', 'routed_scaling_factor'):
+      v = getattr(self, name)
+      if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+        raise ConfigError(f'config.model.moe.{name} must be a number > 0, got {v!r}')
     for name in ('aux_loss_coef', 'router_z_loss_coef', 'bias_update_rate', 'router_init_scale'):
       v = getattr(self, name)
       if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:

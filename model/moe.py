@@ -53,8 +53,8 @@ class RouterBias(nnx.Variable):
 def route(logits_NE: jax.Array, bias_E: jax.Array, moe_cfg: MoEConfig):
   """Gating. float32 logits [N, E] -> (expert_idx [N, k] int32, weights [N, k], probs [N, E]).
 
-  The bias only changes which experts are selected, never the weights (DeepSeek-V3). `probs` is
-  the per-token distribution over all experts used by the balance loss and entropy.
+  The bias only changes which experts are selected, never the weights (DeepSeek-V3). The weights
+  are multiplied by `routed_scaling_factor`. `probs` is the per-token distribution over all experts used by the balance loss and entropy.
   """
   k = moe_cfg.top_k
   if moe_cfg.gating == 'sigmoid':
@@ -73,7 +73,7 @@ def route(logits_NE: jax.Array, bias_E: jax.Array, moe_cfg: MoEConfig):
     weights_NK = jnp.take_along_axis(probs_NE, idx_NK, axis=-1)
     if moe_cfg.renormalize:
       weights_NK = weights_NK / jnp.sum(weights_NK, axis=-1, keepdims=True)
-  return idx_NK.astype(jnp.int32), weights_NK, probs_NE
+  return idx_NK.astype(jnp.int32), weights_NK * moe_cfg.routed_scaling_factor, probs_NE
 
 
 def experts_dense(cfg: ModelConfig, x_GECD, w_gate_EDF, w_up_EDF, w_down_EFD) -> jax.Array:

@@ -128,6 +128,11 @@ class HFTokenizer:
     return self.ids['bos'] if self.ids.get('bos') is not None else self.ids['eos']
 
   @property
+  def doc_start_id(self) -> int:
+    """HF checkpoints (Llama, Mistral, Gemma) were trained with each document opening on BOS."""
+    return self.bos_id
+
+  @property
   def pad_id(self) -> int:
     """The tokenizer's pad token, else 0 (palmax pads with a fill value and masks by weight)."""
     return self.ids['pad'] if self.ids.get('pad') is not None else 0

@@ -127,6 +127,12 @@ class Tokenizer:
     return self._sp.unk_id()
 
   @property
+  def doc_start_id(self) -> int:
+    """The token a document follows in training data: palmax packs documents each followed by
+    EOS (train/data.py `pack`), so a prompt starts after an EOS."""
+    return self._sp.eos_id()
+
+  @property
   def model_proto(self) -> bytes:
     return self._proto
 

@@ -82,7 +82,7 @@ def _ref_forward(model, x_BTD, keep=None):
       h = _act(cfg.activation, x[n] @ wg[e])
       if cfg.gated:
         h = h * (x[n] @ wu[e])
-      y[n] += we * (h @ wd[e])
+      y[n] += we * mcfg.routed_scaling_factor * (h @ wd[e])
   return y.reshape(x_BTD.shape)
 
 
@@ -103,13 +103,13 @@ def test_one_expert_top1_equals_dense_mlp(dispatch):
   assert float(aux['dropped_fraction']) == 0.0
 
 
-@pytest.mark.parametrize('gating,renorm,activation', [
-    ('softmax_topk', False, 'swiglu'), ('softmax_topk', True, 'gelu'),
-    ('topk_softmax', False, 'geglu'), ('sigmoid', False, 'swiglu')])
-def test_gating_matches_per_token_loop(gating, renorm, activation, dispatch='dropless'):
+@pytest.mark.parametrize('gating,renorm,activation,scale', [
+    ('softmax_topk', False, 'swiglu', 1.0), ('softmax_topk', True, 'gelu', 2.0),
+    ('topk_softmax', False, 'geglu', 1.0), ('sigmoid', False, 'swiglu', 2.5)])
+def test_gating_matches_per_token_loop(gating, renorm, activation, scale, dispatch='dropless'):
   # capacity_factor = E: nothing can be dropped, so both dispatches must match the loop.
   m = _build(_moe_cfg(gating=gating, renormalize=renorm, dispatch=dispatch, capacity_factor=4.0,
-                      top_k=2), activation=activation)
+                      top_k=2, routed_scaling_factor=scale), activation=activation)
   m.router[...] = m.router[...] * 20.0  # Spread the router so gatings differ visibly.
   if gating == 'sigmoid':  # The bias changes the selection but not the weights.
     m.router_bias[...] = jnp.array([0.3, -0.2, 0.0, 0.1])
@@ -307,7 +307,7 @@ def test_param_counts_match_model(activation, shared):
     ('num_experts', 0), ('top_k', 9), ('top_k', 0), ('expert_mlp_dim', -1), ('gating', 'argmax'),
     ('dispatch', 'ragged'), ('capacity_factor', 0.0), ('num_shared_experts', -1),
     ('aux_loss_coef', -1.0), ('router_z_loss_coef', -1e-3), ('bias_update_rate', -0.1),
-    ('capacity_group', 'token'), ('renormalize', 1)])
+    ('capacity_group', 'token'), ('renormalize', 1), ('routed_scaling_factor', 0.0)])
 def test_bad_config_names_field(field, value):
   with pytest.raises(ValueError, match=rf'config\.model\.moe\.{field}'):
     moe.MoEConfig(**{field: value}).validate()

@@ -32,6 +32,7 @@ def test_llama_layout_sentencepiece_is_used_as_is(tmp_path):
   tok = tokenizer_lib.load_tokenizer(path)
   assert isinstance(tok, hf_tokenizer.HFTokenizer) and tok.kind == 'sentencepiece'
   assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (1, 2, 0, 0)
+  assert tok.doc_start_id == tok.bos_id   # HF checkpoints open documents on BOS.
   sp = spm.SentencePieceProcessor(model_file=path)
   text = 'def f7(x):\n        return x  # ünïcode ✓'
   assert tok.encode(text) == sp.encode(text)            # Exactly what the model was trained on.

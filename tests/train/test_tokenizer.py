@@ -40,6 +40,7 @@ def tok():
 
 def test_special_ids(tok):
   assert (tok.pad_id, tok.eos_id, tok.bos_id) == (0, 1, 2)
+  assert tok.doc_start_id == tok.eos_id   # Documents are packed each followed by EOS.
   assert tok.vocab_size == VOCAB
   assert tok.decode([tok.bos_id, tok.pad_id] + tok.encode('hi') + [tok.eos_id]) == 'hi'
   with pytest.raises(ValueError, match='token id 1000 is out of range'):
