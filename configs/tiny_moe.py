@@ -1,15 +1,19 @@
-"""Tiny sparse-MoE decoder: configs/tiny.py with every FFN replaced by 8 experts, top-2.
+"""Tiny sparse-MoE decoder: configs/tiny.py with every other FFN replaced by 8 experts, top-2.
 
 Each expert is half as wide as tiny's MLP (384 vs 768), so a token uses the same FFN FLOPs as in
-tiny (2 x 384) while the layer holds 4x the FFN parameters: the comparison the MoE papers make
-(Switch §3, GLaM §4) at equal active parameters and tokens.
+tiny (2 x 384) while an MoE layer holds 4x the FFN parameters: the comparison the MoE papers make
+(Switch §3, GLaM §4) at equal active parameters and tokens. MoE sits on layers 2 and 4 (GShard /
+GLaM placement, `interval=2`), layers 1 and 3 keep tiny's dense MLP.
 
   python -m launch.main --config=configs/tiny_moe.py --workdir=runs/tiny_moe
 
-Measured against configs/tiny.py on the bundled corpus (validation loss, nats; 600 steps x 16 x 256
-= 2.46M tokens, both runs `--config.train.steps=600`): MoE trails dense by 0.08 at step 50-150
-and by 0.025 at step 600 (5.040 vs 5.015), the gap still closing. At this budget each expert sees
-a quarter of the tokens a dense FFN weight sees, and that costs more than the 4x parameters give.
+Measured against configs/tiny.py on the bundled corpus, 300 steps x 16 x 256 tokens, seed 0
+(validation loss, nats, at steps 50..300):
+  dense tiny           6.969 6.339 5.988 5.776 5.648 5.562
+  tiny_moe             6.956 6.344 5.998 5.782 5.637 5.546   (max/min expert load 1.49, 1.42)
+  MoE on every layer   7.059 6.437 6.074 5.840 5.699 5.599   (loses: each expert weight sees a
+                                                              quarter of the tokens; 0.025 behind
+                                                              still after 600 steps)
 """
 import ml_collections
 
@@ -28,8 +32,8 @@ def get_config():
       # (python -m launch.bench_moe).
       dispatch='dropless', capacity_factor=1.25, capacity_group='sequence',
       # Switch balance loss at 3x its paper default plus DeepSeek-V3's bias update at 2x: with
-      # 1e-2 / 1e-3 the worst layer ended at max/min load 2.04 after 300 steps; with these,
-      # 1.53-1.94 over the 4 layers after 600. ST-MoE z-loss at its default.
+      # 1e-2 / 1e-3 the worst layer ended at max/min load 2.04 (MoE on every layer, 300 steps).
+      # ST-MoE z-loss at its default.
       aux_loss_coef=3e-2, router_z_loss_coef=1e-3, bias_update_rate=2e-3,
-      interval=1, first_dense_layers=0))
+      interval=2, first_dense_layers=0))
   return cfg

@@ -49,10 +49,13 @@ def test_deepseek_v3_like_counts():
 
 def test_tiny_moe_matches_tiny_active_params():
   tiny, moe = _model_cfg('tiny'), _model_cfg('tiny_moe')
-  router = tiny.num_layers * tiny.d_model * moe.moe.num_experts
+  assert moe.ffn_kinds() == 'DMDM'   # GLaM placement: every other layer (D dense, M MoE).
+  router = 2 * tiny.d_model * moe.moe.num_experts
   assert moe.active_param_count() == tiny.param_count() + router
   assert moe.flops_per_token(256) == pytest.approx(tiny.flops_per_token(256) + 6 * router)
-  assert moe.param_count() > 2 * tiny.param_count()
+  # Each MoE layer holds 8 experts of half tiny's MLP width: 3 more dense MLPs' worth apiece.
+  mlp = 3 * tiny.d_model * tiny.mlp_dim
+  assert moe.param_count() == tiny.param_count() + 2 * (3 * mlp + tiny.d_model * 8)
 
 
 def test_moe_interval_must_divide_layers():
