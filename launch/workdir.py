@@ -56,10 +56,10 @@ def sample_workdir(workdir: str, *, prompt: str, max_new_tokens: int, num_sample
   from model import decode
 
   _, model_cfg, graphdef, params, tok = load_model(workdir, step)
-  # A prompt opens like a training document: after EOS in palmax's packing, on BOS in a converted
-  # HF checkpoint (`doc_start_id`). Trailing newline+indentation
-  # is left for the model to write: the tokenizer merges a newline with its indentation, so a
-  # prompt ending on a bare newline would be an unusual token boundary.
+  # A prompt opens like a training document (`doc_start_id`: after EOS in palmax's packing, on
+  # BOS in a converted HF checkpoint). Trailing newline+indentation is left for the model to
+  # write: the tokenizer merges a newline with its indentation, so a prompt ending on a bare
+  # newline would be an unusual token boundary.
   prompt = prompt.rstrip(' \n')
   ids = [tok.doc_start_id] + tok.encode(prompt)
   decode.check_prompt(len(ids), max_new_tokens, model_cfg)

@@ -53,8 +53,9 @@ class RouterBias(nnx.Variable):
 def route(logits_NE: jax.Array, bias_E: jax.Array, moe_cfg: MoEConfig):
   """Gating. float32 logits [N, E] -> (expert_idx [N, k] int32, weights [N, k], probs [N, E]).
 
-  The bias only changes which experts are selected, never the weights (DeepSeek-V3). The weights
-  are multiplied by `routed_scaling_factor`. `probs` is the per-token distribution over all experts used by the balance loss and entropy.
+  The bias only changes which experts are selected, never the weights (DeepSeek-V3); the weights
+  are multiplied by `routed_scaling_factor`. `probs` is the per-token distribution over all
+  experts used by the balance loss and entropy.
   """
   k = moe_cfg.top_k
   if moe_cfg.gating == 'sigmoid':

@@ -130,7 +130,7 @@ class Tokenizer:
   def doc_start_id(self) -> int:
     """The token a document follows in training data: palmax packs documents each followed by
     EOS (train/data.py `pack`), so a prompt starts after an EOS."""
-    return self._sp.eos_id()
+    return self.eos_id
 
   @property
   def model_proto(self) -> bytes:
