@@ -26,5 +26,6 @@ setup(
         'tpu': ['jax[tpu]'],
         'cuda': ['jax[cuda12]'],
         'hf': ['torch>=2.4', 'transformers>=4.45', 'safetensors'],
+        'tensorboard': ['tensorboard'],   # The viewer; training writes event files without it.
     },
 )

@@ -2,21 +2,29 @@
 
 Sections: model (model/config.py ModelConfig fields), data (train/data.py), train (loop,
 optimizer, checkpoints), mesh (device mesh sizes and logical-axis rules), pipeline (stages and
-schedule), sample (launch/sample.py).
+schedule), sample (launch/sample.py). train/config_schema.py says what each value may be.
 """
+import dataclasses
+
 import ml_collections
 
 from model import sharding
+from model.config import ModelConfig, MoEConfig
+
+
+def moe_section(**overrides) -> ml_collections.ConfigDict:
+  """A `cfg.model.moe` section: every MoEConfig field at its default except `overrides`, so each
+  is overridable from the command line (--config.model.moe.top_k=1)."""
+  return ml_collections.ConfigDict(dataclasses.asdict(MoEConfig.from_dict(overrides)))
 
 
 def get_base() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
 
-  cfg.model = ml_collections.ConfigDict(dict(
-      vocab_size=8192, d_model=256, num_layers=4, num_heads=4, num_kv_heads=1, head_dim=64,
-      mlp_dim=1024, activation='swiglu', block='serial', rope_base=10_000.0, tie_embeddings=True,
-      scale_embeddings=False, logit_softcap=0.0, norm_eps=1e-6, max_seq_len=2048, remat='none',
-      dtype='float32', param_dtype='float32'))
+  # Every ModelConfig field at its dataclass default (one source of truth). Dense: no `moe` key;
+  # MoE configs add `cfg.model.moe = moe_section(...)`.
+  cfg.model = ml_collections.ConfigDict(
+      {k: v for k, v in ModelConfig().to_dict().items() if k != 'moe'})
 
   cfg.data = ml_collections.ConfigDict(dict(
       source='stdlib',        # stdlib | text | jsonl | tfds
@@ -40,7 +48,13 @@ def get_base() -> ml_collections.ConfigDict:
       tensorboard=True,
       # A workdir (e.g. from `launch.convert --from=hf`) whose latest checkpoint's parameters
       # start a fresh run (new optimizer, step 0); '' = random init. Ignored when resuming.
-      init_from=''))
+      init_from='',
+      # Resuming: check checkpoint file digests before restoring; when the newest checkpoint
+      # fails, 'previous' falls back to the newest one that verifies, 'stop' refuses.
+      verify_checkpoints=True, on_corrupt='previous',
+      # Steps of the learning-rate schedule; 0 = train.steps when the run starts (a resumed run
+      # keeps the schedule it started with).
+      schedule_steps=0))
 
   # In-slice (ICI) size per mesh axis, one may be -1 (fill); cross-slice (DCN) sizes in mesh.dcn
   # (each mesh axis is ICI x DCN). A preset (sharding.PRESETS: data, fsdp, fsdp_tensor,

@@ -16,14 +16,13 @@ Measured against configs/tiny.py on the bundled corpus, 300 steps x 16 x 256 tok
                                                               quarter of the tokens; 0.025 behind
                                                               still after 600 steps)
 """
-import ml_collections
-
+from configs.base import moe_section
 from configs.tiny import get_config as get_tiny
 
 
 def get_config():
   cfg = get_tiny()
-  cfg.model.moe = ml_collections.ConfigDict(dict(
+  cfg.model.moe = moe_section(
       num_experts=8, top_k=2, expert_mlp_dim=384,
       gating='softmax_topk', renormalize=True,   # GShard top-2: the kept pair sums to 1.
       routed_scaling_factor=1.0, num_shared_experts=0, router_init_scale=0.1,
@@ -36,5 +35,5 @@ def get_config():
       # 1e-2 / 1e-3 the worst layer ended at max/min load 2.04 (MoE on every layer, 300 steps).
       # ST-MoE z-loss at its default.
       aux_loss_coef=3e-2, router_z_loss_coef=1e-3, bias_update_rate=2e-3,
-      interval=2, first_dense_layers=0))
+      interval=2, first_dense_layers=0)
   return cfg

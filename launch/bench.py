@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 
@@ -88,6 +88,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from launch.errors import parse_flags
+  from launch import errors
   _define_flags()
-  app.run(main, flags_parser=parse_flags)
+  errors.run(main)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from absl import app, flags
+from absl import flags
 
 
 def _define_flags() -> None:
@@ -154,5 +154,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from launch import errors
   _define_flags()
-  app.run(main)
+  errors.run(main)

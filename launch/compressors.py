@@ -65,11 +65,12 @@ def main(argv=None) -> int:
   parser.add_argument('--seed', type=int, default=defaults.seed)
   args = parser.parse_args(argv)
   data_cfg = {k: v for k, v in vars(args).items() if k != 'workdir'}
+  from launch import errors
   try:
     result = run(data_cfg, args.workdir)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  except ValueError as e:   # In-process callers get the exit code too (2: the user's to fix).
+    print(f'error: {errors.describe(e)}', file=sys.stderr)
+    return errors.USER_ERROR
   print(f'corpus {result["fingerprint"][:12]} ({result["source"]}): {result["val_docs"]} val docs, '
         f'{result["val_bytes_with_separators"]} bytes')
   for name, bpb in result['bits_per_byte'].items():
@@ -78,4 +79,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  from launch import errors
+  with errors.boundary():   # OSError (--workdir, a full disk), Ctrl-C, bugs: see launch/errors.py.
+    sys.exit(main())

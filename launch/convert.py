@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 
 def _define_flags() -> None:
@@ -45,13 +45,9 @@ def _define_flags() -> None:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Keep orbax/absl INFO chatter off the console.
-  from launch.errors import USER_ERRORS, fail
-  try:
-    run(_FROM.value, _TO.value, _FAMILY.value, _SRC.value, _DST.value, param_dtype=_PARAM_DTYPE.value,
-        dtype=_DTYPE.value, max_shard_size=_MAX_SHARD.value, step=_STEP.value,
-        log=lambda s: print(s, flush=True))
-  except USER_ERRORS as e:
-    fail(e)
+  run(_FROM.value, _TO.value, _FAMILY.value, _SRC.value, _DST.value, param_dtype=_PARAM_DTYPE.value,
+      dtype=_DTYPE.value, max_shard_size=_MAX_SHARD.value, step=_STEP.value,
+      log=lambda s: print(s, flush=True))
 
 
 def run(from_: str | None, to: str | None, family: str | None, src: str | None, dst: str | None,
@@ -91,6 +87,6 @@ def run(from_: str | None, to: str | None, family: str | None, src: str | None, 
 
 
 if __name__ == '__main__':
-  from launch.errors import parse_flags
+  from launch import errors
   _define_flags()
-  app.run(main, flags_parser=parse_flags)
+  errors.run(main)

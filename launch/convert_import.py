@@ -121,16 +121,20 @@ def import_hf(src: str, out: str, family: str, *, param_dtype: str, final_dst: s
   # as the model was trained.
   tok_dir = os.path.join(out, HF_TOKENIZER_DIR)
   tok = None
+  # The marker is written either way (load_workdir_tokenizer reads it), with the checkpoint's
+  # special ids for a tokenizer copied in later that does not name them.
+  marker = {'kind': 'hf', 'dir': HF_TOKENIZER_DIR, 'fallback_ids': _special_ids(hf_cfg)}
   if has_tokenizer(src):
     tok = HFTokenizer(src, fallback=_special_ids(hf_cfg))
     tok.save(tok_dir)
-    with open(os.path.join(out, 'tokenizer.json'), 'w') as f:   # Read by load_workdir_tokenizer.
-      json.dump({'key': f'copied:{tok.digest}', 'source_path': src, 'vocab_size': tok.vocab_size,
-                 'model_sha256': tok.digest, 'kind': 'hf', 'dir': HF_TOKENIZER_DIR}, f, indent=1)
+    marker.update(key=f'copied:{tok.digest}', source_path=src, vocab_size=tok.vocab_size,
+                  model_sha256=tok.digest)
     log(f'tokenizer: {tok.kind}, {tok.vocab_size} tokens (eos {tok.eos_id}, bos {tok.bos_id})')
   else:
     log(f'note: {src} has no tokenizer.model or tokenizer.json; copy one into '
         f'{os.path.join(final_dst, HF_TOKENIZER_DIR)} to sample or fine-tune')
+  with open(os.path.join(out, 'tokenizer.json'), 'w') as f:
+    json.dump(marker, f, indent=1)
 
   cfg = workdir_config(model_cfg, os.path.join(final_dst, HF_TOKENIZER_DIR))
   with open(os.path.join(out, 'config.json'), 'w') as f:
@@ -154,6 +158,8 @@ def import_hf(src: str, out: str, family: str, *, param_dtype: str, final_dst: s
   state = {'params': params, 'opt_state': opt_state, 'step': np.zeros((), np.int32), 'rng': rng}
   record = {'model': model_cfg.to_dict(), 'data': None,
             'corpus_fingerprint': f'converted-from-hf:{family}', 'hf_source': src}
+  if tok is not None:   # Sampling refuses any other tokenizer (launch/workdir.check_tokenizer).
+    record['corpus'] = {'tokenizer_sha256': tok.digest}
   cs.save_streamed(out, 0, state, record, log=log)
 
 

@@ -151,29 +151,24 @@ def main(argv, fl: dict):
   logging.set_verbosity(logging.WARNING)
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')  # Quiets libtpu's compile-only init.
   import jax
-  from launch.errors import USER_ERRORS, fail
-  try:
-    if fl['topology'].value:
-      devices = tpu_devices(fl['topology'].value)
-    else:
-      # Before the backend starts: the simulated device count is fixed at first use, and an
-      # inherited --xla_force_host_platform_device_count would override --devices.
-      os.environ['XLA_FLAGS'] = ' '.join(
-          x for x in os.environ.get('XLA_FLAGS', '').split()
-          if not x.startswith('--xla_force_host_platform_device_count'))
-      jax.config.update('jax_platforms', 'cpu')
-      jax.config.update('jax_num_cpu_devices', fl['devices'].value)
-      devices = jax.devices()
-      if len(devices) != fl['devices'].value:
-        raise ValueError(f'asked for --devices={fl["devices"].value} simulated devices, the CPU '
-                         f'backend has {len(devices)}')
-    print(report(analyze(fl['config'].value, devices)))
-  except USER_ERRORS as e:
-    fail(e)
+  if fl['topology'].value:
+    devices = tpu_devices(fl['topology'].value)
+  else:
+    # Before the backend starts: the simulated device count is fixed at first use, and an
+    # inherited --xla_force_host_platform_device_count would override --devices.
+    os.environ['XLA_FLAGS'] = ' '.join(
+        x for x in os.environ.get('XLA_FLAGS', '').split()
+        if not x.startswith('--xla_force_host_platform_device_count'))
+    jax.config.update('jax_platforms', 'cpu')
+    jax.config.update('jax_num_cpu_devices', fl['devices'].value)
+    devices = jax.devices()
+    if len(devices) != fl['devices'].value:
+      raise ValueError(f'asked for --devices={fl["devices"].value} simulated devices, the CPU '
+                       f'backend has {len(devices)}')
+  print(report(analyze(fl['config'].value, devices)))
 
 
 if __name__ == '__main__':
-  from absl import app
-  from launch.errors import parse_flags
+  from launch import errors
   _FLAGS = _define_flags()
-  app.run(lambda argv: main(argv, _FLAGS), flags_parser=parse_flags)
+  errors.run(lambda argv: main(argv, _FLAGS))

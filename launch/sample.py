@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir.', required=True)
 _PROMPT = flags.DEFINE_string('prompt', None, 'Prompt text (default: the config\'s sample.prompt).')
@@ -20,23 +20,24 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Keep orbax/absl INFO chatter off the console.
-  from launch.errors import USER_ERRORS, fail
   from launch.workdir import load_config, sample_kwargs, sample_workdir
-  try:
-    cfg = load_config(_WORKDIR.value)
-    kw = sample_kwargs(cfg.sample)
-    for name, flag in (('prompt', _PROMPT), ('max_new_tokens', _MAX_NEW), ('num_samples', _NUM),
-                       ('temperature', _TEMPERATURE), ('top_k', _TOP_K), ('top_p', _TOP_P),
-                       ('seed', _SEED)):
-      if flag.value is not None:
-        kw[name] = flag.value
-    for text in sample_workdir(_WORKDIR.value, step=_STEP.value, **kw):
-      print(text)
-      print('-' * 40)
-  except USER_ERRORS as e:
-    fail(e)
+  from train import config_schema
+  cfg = load_config(_WORKDIR.value)
+  kw = sample_kwargs(cfg.sample)
+  flagged = []
+  for name, flag in (('prompt', _PROMPT), ('max_new_tokens', _MAX_NEW), ('num_samples', _NUM),
+                     ('temperature', _TEMPERATURE), ('top_k', _TOP_K), ('top_p', _TOP_P),
+                     ('seed', _SEED)):
+    if flag.value is not None:
+      kw[name] = flag.value
+      flagged.append(name)
+  # Before loading anything: refused values are named as the flag (--top_p) that gave them.
+  config_schema.validate_sample(kw, flags=flagged)
+  for text in sample_workdir(_WORKDIR.value, step=_STEP.value, **kw):
+    print(text)
+    print('-' * 40)
 
 
 if __name__ == '__main__':
-  from launch.errors import parse_flags
-  app.run(main, flags_parser=parse_flags)
+  from launch import errors
+  errors.run(main)

@@ -29,7 +29,7 @@ import time
 import traceback
 from typing import Callable, Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 POINT_RECORD = 'sweep_point.json'
@@ -309,17 +309,13 @@ def _passthrough() -> list[str]:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from launch.errors import USER_ERRORS, fail
-  try:
-    summary = run_sweep(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY.value,
-                        plan_only=_PLAN_ONLY.value, submit=_SUBMIT.value, fit_only=_FIT_ONLY.value,
-                        config_path=_config_path(), passthrough=_passthrough())
-  except USER_ERRORS as e:
-    fail(e)
+  summary = run_sweep(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY.value,
+                      plan_only=_PLAN_ONLY.value, submit=_SUBMIT.value, fit_only=_FIT_ONLY.value,
+                      config_path=_config_path(), passthrough=_passthrough())
   _exit_if_failed(summary)
 
 
 if __name__ == '__main__':
-  from launch.errors import parse_flags
+  from launch import errors
   _define_flags()
-  app.run(main, flags_parser=parse_flags)
+  errors.run(main)

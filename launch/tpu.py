@@ -19,9 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 
-from absl import app, flags
+from absl import flags
 
 from launch import gcloud
 from launch.gcloud import LaunchError
@@ -360,12 +359,7 @@ def main(argv) -> int:
         setup(c, job)
       return 0
     return run(c, job)
-  except LaunchError as e:
-    if os.environ.get('PALMAX_TRACEBACK'):
-      traceback.print_exc()
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
+  except KeyboardInterrupt:  # Not the boundary's bare 'interrupted': say what keeps running.
     print('\ninterrupted: training (if started) keeps running on the TPU VM. Follow it with '
           '--action=logs, stop it with --action=stop, delete the VM with --action=down.',
           file=sys.stderr)
@@ -391,9 +385,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(ours)
   except flags.Error as e:
-    print(f'error: {e}\nPass --helpfull to list the flags.', file=sys.stderr)
-    sys.exit(1)
+    print(f'error: {e} (--helpfull lists the flags)', file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
+  from launch import errors   # LaunchError and the rest: one line, exit 2.
+  errors.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

@@ -39,7 +39,19 @@ def load_model(workdir: str, step: int | None = None):
     raise FileNotFoundError(f'{e}: train first') from None
   checkpoint_stream.check_model(record, model_cfg, workdir)
   tokenizer = load_workdir_tokenizer(workdir)   # palmax's own, or a converted checkpoint's.
+  check_tokenizer(record, tokenizer, workdir)
   return cfg, model_cfg, graphdef, params, tokenizer
+
+
+def check_tokenizer(record: dict, tokenizer, workdir: str) -> None:
+  """Refuses a tokenizer other than the one the checkpoint was trained with: decoding with
+  another one produces fluent-looking garbage without a word."""
+  from train.checkpoint import CheckpointMismatchError
+  want = (record.get('corpus') or {}).get('tokenizer_sha256')
+  if want and tokenizer.digest != want:
+    raise CheckpointMismatchError(
+        f"{workdir}'s tokenizer (sha256 {tokenizer.digest[:12]}) is not the one its checkpoint was "
+        f'trained with (sha256 {want[:12]}); restore the original tokenizer files')
 
 
 def sample_kwargs(sample_cfg) -> dict:

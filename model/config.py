@@ -7,8 +7,9 @@ Every architectural choice is a value here, so a model family is a config, never
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 ACTIVATIONS = ('swiglu', 'geglu', 'gelu')
 BLOCKS = ('serial', 'parallel')
@@ -21,21 +22,185 @@ class ConfigError(ValueError):
   """A config value is missing, unknown or inconsistent; the message names the field."""
 
 
+def closest_key(name: str, known: Iterable[str]) -> str | None:
+  """The key in `known` that `name` most likely misspells (difflib, case-insensitive), or None."""
+  by_lower = {str(k).lower(): str(k) for k in known}
+  hit = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.6)
+  return by_lower[hit[0]] if hit else None
+
+
+def unknown_keys_hint(unknown: Iterable[str], known: Iterable[str]) -> str:
+  """" (did you mean ...?)" for the unknown keys that have a close known one ('' if none do)."""
+  unknown, known = list(unknown), list(known)
+  pairs = [(k, c) for k in unknown if (c := closest_key(k, known))]
+  if not pairs:
+    return ''
+  if len(unknown) == 1:
+    return f' (did you mean {pairs[0][1]!r}?)'
+  return ' (did you mean ' + ', '.join(f'{c!r} for {k!r}' for k, c in pairs) + '?)'
+
+
 def validated_from_dict(cls, d: Mapping[str, Any], where: str):
   """Builds config dataclass `cls` from a mapping, naming unknown keys, then validates it."""
   d = dict(d)
   known = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(d) - known)
   if unknown:
-    raise ConfigError(f'{where} has unknown key(s) {unknown}; known keys: {sorted(known)}')
+    raise ConfigError(f'{where} has unknown key(s) {unknown}{unknown_keys_hint(unknown, known)}; '
+                      f'known keys: {sorted(known)}')
   cfg = cls(**d)
   cfg.validate()
   return cfg
 
 
+def _num(x: float) -> str:
+  return f'{x:g}' if isinstance(x, float) else str(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """What one config field accepts: a type, then a range or a list of choices.
+
+  kind: 'bool'; 'int'; 'number' (int or float: bools are neither); 'str' (lo=1: non-empty);
+  'strs' (a string or a list of strings); 'section' (a mapping); 'pairs' (a list of
+  (name, value) pairs, e.g. config.mesh.rules). `lo`/`hi` bound ints and numbers (`lo_open` /
+  `hi_open` exclude the bound); `also` lists values allowed outside the range (mesh sizes: -1 =
+  fill); `none_ok` allows None; `note` says what special values mean ('0 = off').
+  """
+  kind: str
+  lo: float | None = None
+  hi: float | None = None
+  lo_open: bool = False
+  hi_open: bool = False
+  choices: tuple = ()
+  also: tuple = ()
+  none_ok: bool = False
+  note: str = ''
+
+  def allowed(self) -> str:
+    """What the field accepts, in words: 'a number > 0', "one of ('stop', 'skip')", ..."""
+    if self.choices:
+      text = f'one of {self.choices}'
+    elif self.kind == 'bool':
+      text = 'a bool (True or False)'
+    elif self.kind in ('int', 'number'):
+      noun = 'an int' if self.kind == 'int' else 'a number'
+      if self.kind == 'int' and self.lo == 1 and not self.lo_open and self.hi is None:
+        text = 'a positive int'
+      elif self.lo is not None and self.hi is not None:
+        text = (f'{noun} in {"(" if self.lo_open else "["}{_num(self.lo)}, '
+                f'{_num(self.hi)}{")" if self.hi_open else "]"}')
+      elif self.lo is not None:
+        text = f'{noun} {">" if self.lo_open else ">="} {_num(self.lo)}'
+      elif self.hi is not None:
+        text = f'{noun} {"<" if self.hi_open else "<="} {_num(self.hi)}'
+      else:
+        text = noun
+      if self.also:
+        text = ' or '.join(map(_num, self.also)) + ' or ' + text
+    elif self.kind == 'str':
+      text = 'a non-empty string' if self.lo else 'a string'
+    elif self.kind == 'strs':
+      text = 'a string or a list of strings'
+    elif self.kind == 'section':
+      text = 'a mapping (a config section)'
+    elif self.kind == 'pairs':
+      text = 'a list of (name, value) pairs'
+    else:
+      raise ValueError(f'Rule.kind={self.kind!r} is not a known kind')
+    if self.none_ok:
+      text += ' or None'
+    return text + (f' ({self.note})' if self.note else '')
+
+  def check(self, path: str, v: Any) -> None:
+    """Raises ConfigError naming `path`, the value and what is allowed unless `v` fits."""
+    if v is None and self.none_ok:
+      return
+    if not self._type_ok(v):
+      raise ConfigError(f'{path} must be {self.allowed()}, got {v!r} ({type(v).__name__})')
+    if not self._value_ok(v):
+      raise ConfigError(f'{path} must be {self.allowed()}, got {v!r}')
+
+  def _type_ok(self, v: Any) -> bool:
+    if self.choices:
+      return True   # Judged by membership: a wrong type is just not one of the choices.
+    if self.kind == 'bool':
+      return isinstance(v, bool)
+    if self.kind == 'int':
+      return isinstance(v, int) and not isinstance(v, bool)
+    if self.kind == 'number':
+      return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if self.kind == 'str':
+      return isinstance(v, str)
+    if self.kind == 'strs':
+      return isinstance(v, str) or (isinstance(v, (list, tuple))
+                                    and all(isinstance(x, str) for x in v))
+    if self.kind == 'section':   # A dict, a ConfigDict (not a Mapping) or a config dataclass.
+      return isinstance(v, Mapping) or dataclasses.is_dataclass(v) or hasattr(v, 'keys')
+    if self.kind == 'pairs':
+      return isinstance(v, (list, tuple)) and all(
+          isinstance(x, (list, tuple)) and len(x) == 2 and isinstance(x[0], str) for x in v)
+    return False
+
+  def _value_ok(self, v: Any) -> bool:
+    if self.choices:
+      return any(v == c and type(v) is type(c) for c in self.choices)
+    if v in self.also and not isinstance(v, bool):
+      return True
+    if self.kind == 'number' and not math.isfinite(v):
+      return False
+    if self.kind in ('int', 'number'):
+      if self.lo is not None and not (v > self.lo if self.lo_open else v >= self.lo):
+        return False
+      if self.hi is not None and not (v < self.hi if self.hi_open else v <= self.hi):
+        return False
+    if self.kind == 'str' and self.lo and len(v) < self.lo:
+      return False
+    return True
+
+
+# Shorthands for the rule tables here and in train/config_schema.py.
+def positive_int(note: str = '') -> Rule:
+  return Rule('int', lo=1, note=note)
+
+
+def nonneg_int(note: str = '') -> Rule:
+  return Rule('int', lo=0, note=note)
+
+
+def number(gt: float | None = None, ge: float | None = None, lt: float | None = None,
+           le: float | None = None, note: str = '') -> Rule:
+  return Rule('number', lo=ge if gt is None else gt, hi=le if lt is None else lt,
+              lo_open=gt is not None, hi_open=lt is not None, note=note)
+
+
+def choice(options, note: str = '') -> Rule:
+  return Rule('str', choices=tuple(options), note=note)
+
+
+BOOL = Rule('bool')
+
+
+def check_fields(obj: Any, rules: Mapping[str, Rule], where: str) -> None:
+  """Checks each field of dataclass `obj` against its rule, in the table's order."""
+  for name, rule in rules.items():
+    rule.check(f'{where}.{name}', getattr(obj, name))
+
+
 GATINGS = ('softmax_topk', 'topk_softmax', 'sigmoid')
 DISPATCHES = ('capacity', 'dropless')
 CAPACITY_GROUPS = ('batch', 'sequence')
+
+# Every MoEConfig field's type and range (tests/train/test_config_schema.py checks the coverage).
+MOE_RULES = {
+    'num_experts': positive_int(), 'top_k': positive_int(), 'expert_mlp_dim': positive_int(),
+    'gating': choice(GATINGS), 'renormalize': BOOL, 'routed_scaling_factor': number(gt=0),
+    'num_shared_experts': nonneg_int(), 'dispatch': choice(DISPATCHES),
+    'capacity_factor': number(gt=0), 'capacity_group': choice(CAPACITY_GROUPS),
+    'aux_loss_coef': number(ge=0), 'router_z_loss_coef': number(ge=0),
+    'bias_update_rate': number(ge=0, note='0 = off'), 'router_init_scale': number(ge=0),
+    'interval': positive_int(), 'first_dense_layers': nonneg_int(),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,31 +237,10 @@ class MoEConfig:
     return validated_from_dict(cls, d, 'config.model.moe')
 
   def validate(self) -> None:
-    for name in ('num_experts', 'top_k', 'expert_mlp_dim', 'interval'):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise ConfigError(f'config.model.moe.{name} must be a positive int, got {v!r}')
-    for name in ('num_shared_experts', 'first_dense_layers'):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ConfigError(f'config.model.moe.{name} must be an int >= 0, got {v!r}')
+    check_fields(self, MOE_RULES, 'config.model.moe')
     if self.top_k > self.num_experts:
       raise ConfigError(f'config.model.moe.top_k={self.top_k} must be <= '
                         f'config.model.moe.num_experts={self.num_experts}')
-    for name, allowed in (('gating', GATINGS), ('dispatch', DISPATCHES),
-                          ('capacity_group', CAPACITY_GROUPS)):
-      if getattr(self, name) not in allowed:
-        raise ConfigError(f'config.model.moe.{name}={getattr(self, name)!r}; expected one of {allowed}')
-    if not isinstance(self.renormalize, bool):
-      raise ConfigError(f'config.model.moe.renormalize must be a bool, got {self.renormalize!r}')
-    for name in ('capacity_factor', 'routed_scaling_factor'):
-      v = getattr(self, name)
-      if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-        raise ConfigError(f'config.model.moe.{name} must be a number > 0, got {v!r}')
-    for name in ('aux_loss_coef', 'router_z_loss_coef', 'bias_update_rate', 'router_init_scale'):
-      v = getattr(self, name)
-      if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-        raise ConfigError(f'config.model.moe.{name} must be a number >= 0, got {v!r}')
 
   def capacity(self, tokens_per_group: int) -> int:
     """C = ceil(S*k/E * capacity_factor), capped at S (an expert gets at most one slot per token)."""
@@ -111,6 +255,28 @@ class MoEConfig:
     shared = self.num_shared_experts * per_expert
     return (self.num_experts * per_expert + shared + router,
             self.top_k * per_expert + shared + router)
+
+
+# Every ModelConfig field's type and range, in field order; cross-field checks are in validate().
+MODEL_RULES = {
+    'vocab_size': positive_int(), 'd_model': positive_int(), 'num_layers': positive_int(),
+    'num_heads': positive_int(), 'num_kv_heads': positive_int(), 'head_dim': positive_int(),
+    'mlp_dim': positive_int(), 'activation': choice(ACTIVATIONS), 'block': choice(BLOCKS),
+    'rope_base': number(gt=1), 'tie_embeddings': BOOL, 'scale_embeddings': BOOL,
+    'logit_softcap': number(ge=0, note='0 = off'), 'norm_eps': number(gt=0),
+    'norm_offset_one': BOOL, 'post_norms': BOOL, 'qk_norm': BOOL,
+    'attn_softcap': number(ge=0, note='0 = off'),
+    'query_scale_dim': nonneg_int('0 = head_dim'),
+    'layer_pattern': Rule('str', lo=1, note="'L' local and 'G' global layers, e.g. 'LG'"),
+    'sliding_window': nonneg_int('0 = no local layers'),
+    'rope_base_local': Rule('number', lo=1, lo_open=True, also=(0,), note='0 = rope_base'),
+    'rope_scaling': choice(ROPE_SCALINGS), 'rope_scaling_factor': number(gt=0),
+    'rope_low_freq_factor': number(gt=0), 'rope_high_freq_factor': number(gt=0),
+    'rope_original_max_len': positive_int(), 'max_seq_len': positive_int(),
+    'remat': choice(REMAT_POLICIES), 'dtype': choice(DTYPES), 'param_dtype': choice(DTYPES),
+    # A mapping of MoEConfig fields (MOE_RULES) turned into a MoEConfig by from_dict; None = dense.
+    'moe': Rule('section', none_ok=True, note='MoE settings; None = all dense'),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,36 +331,25 @@ class ModelConfig:
     return dataclasses.asdict(self)
 
   def validate(self) -> None:
-    for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
-                 'mlp_dim', 'max_seq_len'):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise ConfigError(f'config.model.{name} must be a positive int, got {v!r}')
+    check_fields(self, {k: r for k, r in MODEL_RULES.items() if k != 'moe'}, 'config.model')
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f'config.model.num_heads={self.num_heads} must be divisible by '
           f'config.model.num_kv_heads={self.num_kv_heads} (each KV head serves a group of query heads)')
     if self.head_dim % 2:
       raise ConfigError(f'config.model.head_dim={self.head_dim} must be even for RoPE')
-    for name, allowed in (('activation', ACTIVATIONS), ('block', BLOCKS),
-                          ('remat', REMAT_POLICIES), ('dtype', DTYPES), ('param_dtype', DTYPES)):
-      if getattr(self, name) not in allowed:
-        raise ConfigError(f'config.model.{name}={getattr(self, name)!r}; expected one of {allowed}')
-    if not self.layer_pattern or set(self.layer_pattern) - set('LG'):
+    if set(self.layer_pattern) - set('LG'):
       raise ConfigError(f'config.model.layer_pattern={self.layer_pattern!r}; expected a non-empty '
                         "string of 'L' (local) and 'G' (global), e.g. 'LG'")
     if 'L' in self.layer_pattern and self.sliding_window <= 0:
       raise ConfigError(f'config.model.layer_pattern={self.layer_pattern!r} has local layers, so '
                         f'config.model.sliding_window must be > 0 (got {self.sliding_window})')
-    if self.rope_scaling not in ROPE_SCALINGS:
-      raise ConfigError(f'config.model.rope_scaling={self.rope_scaling!r}; expected one of {ROPE_SCALINGS}')
-    for name in ('attn_softcap', 'query_scale_dim', 'sliding_window', 'rope_base_local'):
-      if getattr(self, name) < 0:
-        raise ConfigError(f'config.model.{name}={getattr(self, name)} must be >= 0 (0 = off/default)')
-    if self.rope_base <= 1:
-      raise ConfigError(f'config.model.rope_base={self.rope_base} must be > 1')
-    if self.logit_softcap < 0:
-      raise ConfigError(f'config.model.logit_softcap={self.logit_softcap} must be >= 0 (0 = off)')
+    # Llama 3.1 interpolates between the two wavelength cut-offs: dividing by (high - low).
+    if self.rope_scaling == 'llama3' and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+      raise ConfigError(
+          f'config.model.rope_high_freq_factor={self.rope_high_freq_factor} must be > '
+          f'config.model.rope_low_freq_factor={self.rope_low_freq_factor} for '
+          "config.model.rope_scaling='llama3'")
     if self.moe is not None:
       if not isinstance(self.moe, MoEConfig):
         raise ConfigError(f'config.model.moe must be a mapping of MoE settings or None, got {self.moe!r}')

@@ -103,8 +103,17 @@ class PipelineConfig:
     if repeats % chunks:
       what = (f'config.pipeline.stages={self.stages}' if self.repeats == 1 else
               f'config.pipeline.stages={self.stages} x config.pipeline.circular_repeats={self.repeats}')
-      raise PipelineError(f'config.model.num_layers={repeats * len(unit)} ({repeats} scanned units '
-                          f'of {len(unit)} layer(s)) is not divisible by {what}')
+      if len(unit) == 1:
+        raise PipelineError(f'config.model.num_layers={repeats} is not divisible by {what}; '
+                            f'use a multiple of {chunks} layers')
+      # A stage holds whole scanned units (MoE every `interval` layers: one unit is `interval`
+      # layers), so it is the unit count that must divide, not the layer count.
+      per = f'{self.stages} stages' + (f' x {self.repeats} repeats' if self.repeats > 1 else '')
+      raise PipelineError(
+          f'config.model.num_layers={repeats * len(unit)} is {repeats} scanned units of '
+          f'{len(unit)} layers (config.model.moe.interval={len(unit)}) and {repeats} units do not '
+          f'split evenly over {what}; use a multiple of {chunks * len(unit)} layers '
+          f'({len(unit)}-layer units x {per})')
     if batch is not None:
       if batch % self.microbatches:
         raise PipelineError(f'the batch of {batch} rows (config.train.batch_size / grad_accum) is '

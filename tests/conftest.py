@@ -72,3 +72,24 @@ def tiny_train_config(data_glob: str, **train):
   cfg.train.update(train)
   cfg.sample.update(max_new_tokens=8, num_samples=2)
   return cfg
+
+
+def config_file(tmp_path, **train) -> str:
+  """A config file (the launcher reads files) holding `tiny_train_config` on a generated corpus."""
+  glob = write_code_corpus(tmp_path / 'corpus')
+  cfg = tiny_train_config(glob, **train)
+  path = tmp_path / 'cfg.py'
+  path.write_text(
+      'import ml_collections, json\n'
+      f'def get_config():\n  d = json.loads({cfg.to_json()!r})\n'
+      '  d["data"]["paths"] = tuple(d["data"]["paths"])\n  return ml_collections.ConfigDict(d)\n')
+  return str(path)
+
+
+def tree_digest(root) -> dict:
+  """{relative path: sha256} of every file under `root` (a refused run must leave it unchanged)."""
+  import hashlib
+  import pathlib
+  root = pathlib.Path(root)
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob('*')) if p.is_file()}

@@ -6,7 +6,8 @@ Checkpointer reads (`checkpoints/<step>/{state,record}`, orbax OCDBT), but leave
 produced and written (tensorstore, chunk-aligned) before the next is made, one at a time, so a
 7B-parameter state is written in a few hundred MB of memory. `LeafReader` is the inverse: blocks
 of one stored leaf. `restore_params` restores only the parameters of a workdir's checkpoint (no
-optimizer state), onto given shardings.
+optimizer state), onto given shardings. Both readers check the step against its manifest
+(`checkpoint_verify`) and refuse a corrupt one in one line; they never move or write anything.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 from orbax.checkpoint import type_handlers as th
+
+from train import checkpoint_verify as cv
 
 BLOCK_BYTES = 64 << 20   # Target size of one written block and of one stored chunk.
 
@@ -125,12 +128,36 @@ def save_streamed(workdir: str, step: int, state: Any, record: dict,
     manager.close()
   if handler.error is not None:
     raise handler.error
+  if jax.process_index() == 0:   # Committed: now its manifest (a kill before leaves it unverified).
+    cv.write_manifest(os.path.join(os.path.abspath(workdir), 'checkpoints', str(step)), step)
+
+
+def check_step(root: str, step: int, verify: bool = True) -> None:
+  """Refuses (CheckpointCorruptError, one line) a step of checkpoints directory `root` whose files
+  differ from its manifest, naming the step that would verify. A step without a manifest passes."""
+  if not verify:
+    return
+  try:
+    cv.verify_step(root, step)
+  except cv.CheckpointCorruptError as e:
+    raise cv.CheckpointCorruptError(f'{e}; {cv.suggest_step(root, step)}', e.step, e.directory,
+                                    e.path) from None
+
+
+def _read_failed(root: str, step: int, err: BaseException) -> BaseException:
+  """A reader's one-line error for an orbax/tensorstore failure (see `cv.read_error`)."""
+  out = cv.read_error(root, step, err)
+  if isinstance(out, cv.CheckpointCorruptError) and not out.verified:
+    out = cv.CheckpointCorruptError(f'{out}; {cv.suggest_step(root, step)}', out.step,
+                                    out.directory, out.path)
+  return out
 
 
 class LeafReader:
-  """Blocks of the leaves stored in `workdir`'s checkpoint `step` (default: the latest)."""
+  """Blocks of the leaves stored in `workdir`'s checkpoint `step` (default: the latest), checked
+  against the step's manifest first unless `verify=False` (which skips reading every byte)."""
 
-  def __init__(self, workdir: str, step: int | None = None):
+  def __init__(self, workdir: str, step: int | None = None, verify: bool = True):
     root = epath.Path(os.path.abspath(workdir)) / 'checkpoints'
     steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
     if not steps:
@@ -139,16 +166,20 @@ class LeafReader:
       step = steps[-1]
     if step not in steps:
       raise FileNotFoundError(f'no checkpoint step {step} in {root} (have {steps})')
-    self.step = step
+    self.step, self._root = step, str(root)
+    check_step(self._root, step, verify)
     self.directory = root / str(step) / 'state'
-    with open(self.directory / '_METADATA') as f:
-      meta = json.load(f)
+    try:
+      with open(self.directory / '_METADATA') as f:
+        meta = json.load(f)
+      with open(root / str(step) / 'record' / 'metadata') as f:
+        self.record = json.load(f)
+    except (OSError, ValueError) as e:
+      raise _read_failed(self._root, step, e) from None
     self._zarr3 = bool(meta.get('use_zarr3'))
     self._ocdbt = bool(meta.get('use_ocdbt', True))
     self._ctx = th.get_ts_context(use_ocdbt=self._ocdbt)
     self._open: dict[str, Any] = {}
-    with open(root / str(step) / 'record' / 'metadata') as f:
-      self.record = json.load(f)
 
   def _store(self, path: tuple[str, ...]):
     name = '.'.join(path)
@@ -171,12 +202,20 @@ class LeafReader:
   def read(self, path: tuple[str, ...], start: int, stop: int, axis: int = 0) -> np.ndarray:
     t = self._store(path)
     idx = tuple(slice(start, stop) if a == axis else slice(None) for a in range(t.rank))
-    return np.asarray(t[idx].read().result())
+    try:
+      return np.asarray(t[idx].read().result())
+    except Exception as e:  # pylint: disable=broad-except
+      err = _read_failed(self._root, self.step, e)
+    raise err
 
 
-def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, dict]:
+def restore_params(workdir: str, abstract_params: Any, step: int | None = None,
+                   verify: bool = True) -> tuple[Any, dict]:
   """(params, record) from `workdir`'s checkpoint (latest or `step`), reading only the parameters
-  onto `abstract_params` (ShapeDtypeStructs with shardings); the optimizer state is not read."""
+  onto `abstract_params` (ShapeDtypeStructs with shardings); the optimizer state is not read.
+  The step is checked against its manifest first (the whole step is hashed: OCDBT interleaves
+  parameters and moments in the same files); `verify=False` skips that for huge checkpoints.
+  A corrupt or unreadable step raises CheckpointCorruptError in one line."""
   root = os.path.join(os.path.abspath(workdir), 'checkpoints')
   manager = ocp.CheckpointManager(
       root, item_handlers={'state': ocp.PyTreeCheckpointHandler(),
@@ -185,19 +224,32 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None) 
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {root}')
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f'no checkpoint step {step} in {root} '
+                              f'(have {sorted(manager.all_steps())})')
+    check_step(root, step, verify)
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
-    out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item={'params': abstract_params},
-                                     restore_args={'params': restore_args}, partial_restore=True),
-        record=ocp.args.JsonRestore()))
+    try:
+      with cv.quiet_reads():
+        out = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item={'params': abstract_params},
+                                         restore_args={'params': restore_args},
+                                         partial_restore=True),
+            record=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      err = _read_failed(root, step, e)
+      if err is e:
+        raise
+      raise err from e
   finally:
     manager.close()
   return out['state']['params'], dict(out['record'])
 
 
 def read_record(workdir: str, step: int | None = None) -> dict:
-  """The JSON record of `workdir`'s checkpoint (latest or `step`) without touching tensors."""
-  return LeafReader(workdir, step).record
+  """The JSON record of `workdir`'s checkpoint (latest or `step`) without touching tensors (and
+  without verifying them)."""
+  return LeafReader(workdir, step, verify=False).record
 
 
 def check_model(record: dict, model_cfg, where: str, architecture_only: bool = False) -> None:
@@ -228,5 +280,5 @@ def init_params(workdir: str, model_cfg, abstract_params: Any) -> tuple[Any, int
   reader = LeafReader(workdir)
   check_model(reader.record, model_cfg, f'config.train.init_from={workdir!r} '
               '(start from its config: --config=configs/finetune.py:WORKDIR)', architecture_only=True)
-  params, _ = restore_params(workdir, abstract_params, reader.step)
+  params, _ = restore_params(workdir, abstract_params, reader.step, verify=False)  # Just verified.
   return params, reader.step

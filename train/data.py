@@ -31,11 +31,11 @@ import json
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from train import corpus
+from train import corpus, failpoints
 from train import tokenizer as tokenizer_lib
 
 
@@ -196,33 +196,40 @@ def tokenize_docs(tok: tokenizer_lib.Tokenizer, docs: Sequence[corpus.Document])
 
 
 def cached_tokens(tok: tokenizer_lib.Tokenizer, train_docs: Sequence[corpus.Document],
-                  val_docs: Sequence[corpus.Document], fingerprint: str,
-                  workdir: str | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-  """(train_tokens, val_tokens, meta), read from / written to the workdir cache."""
+                  val_docs: Sequence[corpus.Document], fingerprint: str, workdir: str | None
+                  ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], Callable[[], None] | None]:
+  """(train_tokens, val_tokens, meta, save): read from the workdir cache when its key (corpus
+  fingerprint + tokenizer digest) matches, else tokenized here; `save()` writes the cache (None
+  when it is current). Nothing is written here."""
   key = f'{fingerprint}:{tok.digest}'
   paths = {s: os.path.join(workdir, f'tokens_{s}.npy') for s in ('train', 'val')} if workdir else {}
   meta_path = os.path.join(workdir, 'tokens.json') if workdir else None
-  if meta_path and os.path.isfile(meta_path) and all(map(os.path.isfile, paths.values())):
+  if meta_path and tokenizer_lib._read_json(meta_path).get('key') == key:
     try:
-      with open(meta_path) as f:
-        meta = json.load(f)
-      if meta.get('key') == key:
-        return (np.load(paths['train'], mmap_mode='r'), np.load(paths['val']),
-                dict(meta, cached=True))
+      meta = tokenizer_lib._read_json(meta_path)
+      return (np.load(paths['train'], mmap_mode='r'), np.load(paths['val']),
+              dict(meta, cached=True), None)
     except (OSError, ValueError):
       pass  # unreadable cache: rebuild it
   start = time.time()
   train_N, val_N = tokenize_docs(tok, train_docs), tokenize_docs(tok, val_docs)
   meta = {'key': key, 'train_tokens': len(train_N), 'val_tokens': len(val_N),
           'tokenize_seconds': round(time.time() - start, 2)}
-  if workdir:
-    os.makedirs(workdir, exist_ok=True)
+  if not workdir:
+    return train_N, val_N, dict(meta, cached=False), None
+
+  def save():
+    # The key goes first and comes back last: a kill in between leaves no key, never a key
+    # that names arrays which were only partly replaced.
+    if os.path.exists(meta_path):
+      os.remove(meta_path)
     for split_name, arr in (('train', train_N), ('val', val_N)):
       tmp = paths[split_name] + f'.tmp{os.getpid()}.npy'
       np.save(tmp, arr)
       os.replace(tmp, paths[split_name])
+      failpoints.reach('tokens.write')
     tokenizer_lib._atomic_write(meta_path, json.dumps(meta, indent=1).encode())
-  return train_N, val_N, dict(meta, cached=False)
+  return train_N, val_N, dict(meta, cached=False), save
 
 
 @dataclasses.dataclass
@@ -265,15 +272,21 @@ def _global_batch_size(cfg: Any) -> int | None:
 
 def build_data(cfg: Any, workdir: str | None, process_index: int = 0, process_count: int = 1, *,
                global_batch_size: int | None = None, eval_batch_size: int | None = None,
-               eval_max_batches: int | None = None) -> DataBundle:
+               eval_max_batches: int | None = None, resume: dict | None = None,
+               resume_from: str = 'the checkpoint') -> DataBundle:
   """Loads the corpus, gets the tokenizer, tokenizes (cached) and builds train/val batches.
 
+  One pass with the checks first: the corpus is read; when `resume` (the JSON record of the
+  checkpoint being resumed, described as `resume_from` in messages) is given, the corpus must be
+  the one that checkpoint was trained on and the tokenizer the one it was trained with; the
+  tokenizer and token cache are resolved and the batches built; only then, when everything
+  fits, are the workdir's tokenizer and token-cache files written. A refused run writes nothing.
+
   `cfg` is the full config (uses `cfg.data` and, when `global_batch_size` is not given,
-  `cfg.train.global_batch_size` or `cfg.train.batch_size`) or just the data config.
-  `eval_batch_size` defaults to the global batch size, `eval_max_batches` to
-  `cfg.train.eval_batches` (0 = the whole val stream). Val batches are global (not sharded);
-  `val_coverage` < 1 means `eval_max_batches` left part of the val stream out, and bits/byte from
-  `val_bytes_per_token` is then an estimate (it describes the whole stream).
+  `cfg.train.batch_size`) or just the data config. `eval_batch_size` defaults to the global
+  batch size, `eval_max_batches` to `cfg.train.eval_batches` (0 = the whole val stream). Val
+  batches are global (not sharded); `val_coverage` < 1 means `eval_max_batches` left part of the
+  val stream out, and bits/byte from `val_bytes_per_token` is then an estimate.
   """
   data_cfg = _field(cfg, 'data', None) if _field(cfg, 'source') is None else cfg
   if data_cfg is None:
@@ -281,18 +294,21 @@ def build_data(cfg: Any, workdir: str | None, process_index: int = 0, process_co
   global_batch_size = global_batch_size or _global_batch_size(cfg)
   if not global_batch_size:
     raise ValueError('global batch size unknown: pass global_batch_size= or set '
-                     'cfg.train.global_batch_size')
+                     'cfg.train.batch_size')
   if eval_max_batches is None:
     eval_max_batches = int(_field(_field(cfg, 'train'), 'eval_batches', 0) or 0)
   seq_len = int(_field(data_cfg, 'seq_len', 0) or 0)
   if seq_len < 1:
     raise ValueError(f'data.seq_len must be >= 1, got {seq_len}')
-  if workdir:
-    os.makedirs(workdir, exist_ok=True)
 
   train_docs, val_docs, info = corpus.load_documents(data_cfg)
-  tok = tokenizer_lib.get_tokenizer(data_cfg, train_docs, workdir)
-  train_N, val_N, tmeta = cached_tokens(tok, train_docs, val_docs, info['fingerprint'], workdir)
+  if resume is not None:
+    _check_same_corpus(data_cfg, info, resume, resume_from)
+    tok, save_tokenizer = _resumed_tokenizer(data_cfg, train_docs, workdir, resume, resume_from)
+  else:
+    tok, save_tokenizer = tokenizer_lib.resolve_tokenizer(data_cfg, train_docs, workdir)
+  train_N, val_N, tmeta, save_tokens = cached_tokens(tok, train_docs, val_docs,
+                                                     info['fingerprint'], workdir)
   info = dict(info, tokenizer_vocab_size=tok.vocab_size, tokenizer_sha256=tok.digest,
               train_tokens=int(len(train_N)), val_tokens=int(len(val_N)),
               tokens_cached=tmeta['cached'])
@@ -308,7 +324,53 @@ def build_data(cfg: Any, workdir: str | None, process_index: int = 0, process_co
     val_bpt = (info['val_bytes'] + info['val_docs']) / len(val_N)
     coverage = min(len(val) * eval_bs * seq_len, len(val_N)) / len(val_N)
   info.update(val_bytes_per_token=val_bpt, val_coverage=coverage)
+  if workdir:  # Everything fits: now the workdir may change.
+    os.makedirs(workdir, exist_ok=True)
+    for save in (save_tokenizer, save_tokens):
+      if save is not None:
+        save()
   return DataBundle(tok, train, val, info, train_N, val_N, val_docs, val_bpt, coverage)
+
+
+def _check_same_corpus(data_cfg, info: dict, record: dict, where: str) -> None:
+  """Refuses a corpus other than the one `record`'s checkpoint was trained on, saying how the
+  two differ (the stdlib corpus differs between Python versions)."""
+  have = record.get('corpus_fingerprint')
+  if have is None or have == info['fingerprint']:
+    return
+  then = record.get('corpus') or {}
+  diffs = [f'fingerprint {have[:12]} then, {info["fingerprint"][:12]} now']
+  for key in ('python_version', 'train_docs', 'val_docs', 'train_bytes', 'paths', 'tfds_name'):
+    if key in then and then.get(key) != info.get(key):
+      diffs.append(f'{key} {then.get(key)} then, {info.get(key)} now')
+  from train.checkpoint import CheckpointMismatchError
+  raise CheckpointMismatchError(
+      f'the corpus ({corpus.describe_source(data_cfg)}) differs from the one {where} was trained on ({"; ".join(diffs)}); resume on the same '
+      'data or use a new --workdir')
+
+
+def _resumed_tokenizer(data_cfg, train_docs, workdir, record: dict, where: str):
+  """The tokenizer `record`'s checkpoint was trained with: the workdir's own copy, or, if that is
+  missing or differs, the config's tokenizer when it rebuilds exactly that one (then `save`
+  restores the workdir's copy). Anything else is refused: sampling and training with another
+  tokenizer would be silent garbage."""
+  want = (record.get('corpus') or {}).get('tokenizer_sha256')
+  found = None
+  try:
+    tok = tokenizer_lib.load_workdir_tokenizer(workdir)
+    if want is None or tok.digest == want:
+      return tok, None
+    found = tok.digest
+  except (OSError, ValueError):
+    pass
+  tok, save = tokenizer_lib.resolve_tokenizer(data_cfg, train_docs, workdir)
+  if want is None or tok.digest == want:
+    return tok, save
+  from train.checkpoint import CheckpointMismatchError
+  raise CheckpointMismatchError(
+      f"the workdir's tokenizer ({'sha256 ' + found[:12] if found else 'missing'}) is not the one "
+      f'{where} was trained with (sha256 {want[:12]}), and the config builds another '
+      f'(sha256 {tok.digest[:12]}); restore {workdir}/tokenizer.model or use a new --workdir')
 
 
 def default_data_config():

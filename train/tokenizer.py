@@ -30,9 +30,11 @@ import json
 import os
 import re
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+
+from train import failpoints
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 WS_MARKER = '<palmax-ws-v1>'
@@ -320,20 +322,21 @@ def load_tokenizer(path: str):
 
 
 def load_workdir_tokenizer(workdir: str):
-  """The tokenizer a workdir was trained (or converted) with: `tokenizer.json`'s kind 'hf' means
-  a checkpoint tokenizer in `WORKDIR/hf_tokenizer/`, otherwise `WORKDIR/tokenizer.model`."""
-  meta_path = os.path.join(workdir, 'tokenizer.json')
-  meta = {}
-  if os.path.isfile(meta_path):
-    try:
-      with open(meta_path) as f:
-        meta = json.load(f)
-    except (OSError, ValueError):
-      meta = {}
-  if meta.get('kind') == 'hf':
+  """The tokenizer a workdir was trained (or converted) with: a checkpoint tokenizer in
+  `WORKDIR/hf_tokenizer/` when `tokenizer.json` says kind 'hf', or when that directory is there
+  and no `tokenizer.model` is (a user copied one in after converting a checkpoint saved without
+  tokenizer files); otherwise `WORKDIR/tokenizer.model`."""
+  meta = _read_json(os.path.join(workdir, 'tokenizer.json'))
+  hf_dir = os.path.join(workdir, meta.get('dir', HF_TOKENIZER_DIR))
+  if meta.get('kind') == 'hf' or (
+      not meta and os.path.isdir(hf_dir) and not os.path.exists(os.path.join(workdir, 'tokenizer.model'))):
     from train import hf_tokenizer
-    return hf_tokenizer.HFTokenizer(os.path.join(workdir, meta.get('dir', HF_TOKENIZER_DIR)))
-  return Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
+    return hf_tokenizer.HFTokenizer(hf_dir, fallback=meta.get('fallback_ids'))
+  model_path = os.path.join(workdir, 'tokenizer.model')
+  if not os.path.exists(model_path):
+    raise FileNotFoundError(f'workdir {workdir} has no tokenizer: expected {model_path} or the '
+                            f"checkpoint's tokenizer files (tokenizer.json or tokenizer.model) in {hf_dir}")
+  return Tokenizer.load(model_path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,11 +375,23 @@ def _cfg(obj: Any, field: str, default: Any = None) -> Any:
 
 
 def get_tokenizer(data_cfg: Any, train_docs: Sequence[Any], workdir: str | None) -> Tokenizer:
-  """The run's tokenizer: `data.tokenizer.path` if set, else trained and cached in `workdir`.
+  """`resolve_tokenizer`, then writes the workdir's tokenizer files if they changed."""
+  tok, save = resolve_tokenizer(data_cfg, train_docs, workdir)
+  if save is not None:
+    save()
+  return tok
 
-  The cache (`WORKDIR/tokenizer.model` + `tokenizer.json`) is keyed by a hash of the sampled
-  training text and the trainer options; a different key retrains and overwrites it. A given
-  `path` is copied to `WORKDIR/tokenizer.model` too, so a workdir always holds its tokenizer.
+
+def resolve_tokenizer(data_cfg: Any, train_docs: Sequence[Any],
+                      workdir: str | None) -> tuple[Tokenizer, Callable[[], None] | None]:
+  """The run's tokenizer and a `save()` that puts it in `workdir` (None when the workdir already
+  holds it). Nothing is written here, so a caller can refuse a run after this without having
+  touched the workdir (train/data.py writes only once every check has passed).
+
+  The tokenizer is `data.tokenizer.path` if set (copied into the workdir, so a workdir always
+  holds its tokenizer), else trained on the sampled training text. The workdir copy
+  (`tokenizer.model` + `tokenizer.json`) is keyed by a hash of that text and the trainer options;
+  a matching key reuses it.
   """
   tcfg = _cfg(data_cfg, 'tokenizer')
   if tcfg is None:
@@ -388,17 +403,10 @@ def get_tokenizer(data_cfg: Any, train_docs: Sequence[Any], workdir: str | None)
     if tok.vocab_size > vocab_size:
       raise ValueError(f'data.tokenizer.path {path!r} has {tok.vocab_size} pieces, more than '
                        f'data.tokenizer.vocab_size={vocab_size}')
-    if workdir:
-      kind = {}
-      if isinstance(tok, Tokenizer):
-        tok.save(os.path.join(workdir, 'tokenizer.model'))
-      else:  # A checkpoint's own tokenizer (train/hf_tokenizer.py): a directory of HF files.
-        tok.save(os.path.join(workdir, HF_TOKENIZER_DIR))
-        kind = {'kind': 'hf', 'dir': HF_TOKENIZER_DIR}
-      _atomic_write(os.path.join(workdir, 'tokenizer.json'), json.dumps(
-          {'key': f'copied:{tok.digest}', 'source_path': os.path.abspath(path),
-           'vocab_size': tok.vocab_size, 'model_sha256': tok.digest, **kind}, indent=1).encode())
-    return tok
+    kind = {} if isinstance(tok, Tokenizer) else {'kind': 'hf', 'dir': HF_TOKENIZER_DIR}
+    meta = {'key': f'copied:{tok.digest}', 'source_path': os.path.abspath(path),
+            'vocab_size': tok.vocab_size, 'model_sha256': tok.digest, **kind}
+    return tok, _saver(workdir, tok, meta)
 
   model_type = _cfg(tcfg, 'model_type', 'bpe') or 'bpe'
   train_bytes = int(_cfg(tcfg, 'train_bytes', 0) or 0)
@@ -409,22 +417,49 @@ def get_tokenizer(data_cfg: Any, train_docs: Sequence[Any], workdir: str | None)
     h.update(len(data).to_bytes(8, 'little') + data)
   key = h.hexdigest()
 
-  model_path = os.path.join(workdir, 'tokenizer.model') if workdir else None
-  meta_path = os.path.join(workdir, 'tokenizer.json') if workdir else None
-  if model_path and os.path.isfile(model_path) and os.path.isfile(meta_path):
+  cached = _read_json(os.path.join(workdir, 'tokenizer.json')) if workdir else {}
+  if cached.get('key') == key:
     try:
-      with open(meta_path) as f:
-        cached_key = json.load(f).get('key')
-    except (OSError, ValueError):
-      cached_key = None
-    if cached_key == key:
-      return Tokenizer.load(model_path)
-
+      tok = Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
+      if tok.digest == cached.get('model_sha256'):
+        return tok, None
+    except ValueError:
+      pass  # Missing, unreadable or replaced model file: train again.
+  failpoints.reach('tokenizer.train')
   start = time.time()
-  tok = train_tokenizer(texts, vocab_size, model_type, model_path)
-  if meta_path:
-    meta = {'key': key, 'vocab_size': tok.vocab_size, 'requested_vocab_size': vocab_size,
-            'model_type': model_type, 'train_bytes': sum(len(t.encode('utf-8')) for t in texts),
-            'train_seconds': round(time.time() - start, 2), 'model_sha256': tok.digest}
+  tok = train_tokenizer(texts, vocab_size, model_type, None)
+  meta = {'key': key, 'vocab_size': tok.vocab_size, 'requested_vocab_size': vocab_size,
+          'model_type': model_type, 'train_bytes': sum(len(t.encode('utf-8')) for t in texts),
+          'train_seconds': round(time.time() - start, 2), 'model_sha256': tok.digest}
+  return tok, _saver(workdir, tok, meta)
+
+
+def _saver(workdir: str | None, tok, meta: dict) -> Callable[[], None] | None:
+  """A function writing `tok` and its `tokenizer.json` into `workdir`; None if it is there."""
+  if not workdir:
+    return None
+  meta_path = os.path.join(workdir, 'tokenizer.json')
+  if _read_json(meta_path) == meta:
+    return None
+
+  def save():
+    # The key file goes first and comes back last: a kill in between leaves no key, so the next
+    # run rebuilds instead of trusting a half-replaced tokenizer.
+    if os.path.exists(meta_path):
+      os.remove(meta_path)
+    if isinstance(tok, Tokenizer):
+      tok.save(os.path.join(workdir, 'tokenizer.model'))
+    else:  # A checkpoint's own tokenizer (train/hf_tokenizer.py): a directory of HF files.
+      tok.save(os.path.join(workdir, HF_TOKENIZER_DIR))
+    failpoints.reach('tokenizer.write')
     _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
-  return tok
+  return save
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      out = json.load(f)
+    return out if isinstance(out, dict) else {}
+  except (OSError, ValueError):
+    return {}

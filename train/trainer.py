@@ -6,6 +6,7 @@ from the workdir's latest checkpoint when there is one, saves on SIGTERM/SIGINT,
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -21,7 +22,9 @@ from model.config import ConfigError, ModelConfig
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
-from train import optim, peak, state as state_lib, step as step_lib
+from train import config_schema, failpoints, optim, peak, resume, state as state_lib
+from train import step as step_lib
+from train.workdir_lock import WorkdirLock
 
 
 class TrainingDivergedError(RuntimeError):
@@ -89,31 +92,58 @@ class _StopFlag:
 
 def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunResult:
   """Trains (or resumes) to config.train.steps. `stop_after` ends early after that many steps
-  with a checkpoint, as a preemption would (for tests and time-boxed runs)."""
+  with a checkpoint, as a preemption would (for tests and time-boxed runs).
+
+  The workdir is a transaction: the config is validated, the workdir locked (one writer), and a
+  checkpoint present is verified and must fit this run's model and data, all before anything in
+  the workdir is written; a refused run leaves it byte-identical."""
+  config_schema.validate(cfg)
   model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
-  t = cfg.train
   mesh, rules = sharding.mesh_from_config(cfg.mesh)
   pipe = pipeline.PipelineConfig.from_config(cfg.get('pipeline'), mesh.shape['pipeline'])
   check_config(cfg, model_cfg, mesh, rules, pipe)
+  os.makedirs(workdir, exist_ok=True)
+  lock = WorkdirLock(workdir, log) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    return _train(cfg, workdir, log, stop_after, model_cfg, mesh, rules, pipe)
 
+
+def _train(cfg, workdir, log, stop_after, model_cfg, mesh, rules, pipe) -> RunResult:
+  t = cfg.train
   batch_sh = NamedSharding(mesh, sharding.logical_to_spec(('batch', None), rules,
                                                           (t.batch_size, 1), mesh))
-  # Each process reads only the rows its devices hold (processes holding the same rows, e.g.
-  # different pipeline stages, read the same block).
-  data = data_lib.build_data(cfg, workdir, *sharding.process_rows(batch_sh, t.batch_size))
+  tx, _ = optim.make_optimizer(t, t.steps)   # The state's structure; the schedule comes below.
+  spec = state_lib.make_state_spec(model_cfg, tx, mesh, rules)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints)
+  record, where = None, ''
+  try:
+    if ckpt.latest_step() is not None:
+      state, record = ckpt.restore(spec.abstract_state, expect={'model': model_cfg.to_dict()},
+                                   on_corrupt=t.on_corrupt, verify=t.verify_checkpoints, log=log)
+      where = f'checkpoint step {int(state["step"])} in {ckpt.directory}'
+      resume.check_same_data(cfg, record, where)
+    # Each process reads only the rows its devices hold (processes holding the same rows, e.g.
+    # different pipeline stages, read the same block). Nothing is written unless it all fits.
+    data = data_lib.build_data(cfg, workdir, *sharding.process_rows(batch_sh, t.batch_size),
+                               resume=record, resume_from=where)
+  except BaseException:
+    ckpt.close()
+    raise
   if data.tokenizer.vocab_size > model_cfg.vocab_size:
     raise ConfigError(f'the tokenizer has {data.tokenizer.vocab_size} tokens but '
                       f'config.model.vocab_size={model_cfg.vocab_size}')
+  total = resume.schedule_steps(cfg, record, log)
+  tx, schedule = optim.make_optimizer(t, total)
 
-  tx, schedule = optim.make_optimizer(t, t.steps)
-  spec = state_lib.make_state_spec(model_cfg, tx, mesh, rules)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints)
-  expect = {'model': model_cfg.to_dict(), 'corpus_fingerprint': data.info['fingerprint']}
-
-  if ckpt.latest_step() is not None:
-    state, record = ckpt.restore(spec.abstract_state, expect=expect)
+  if record is not None:
     data.train.restore(record['data'])
-    log(f'Resumed from {ckpt.directory} at step {int(state["step"])}')
+    step = int(jax.device_get(state['step']))
+    log(f'Resumed from {ckpt.directory} at step {step}')
+    if step >= t.steps:
+      ckpt.close()
+      log(f'config.train.steps={t.steps} and the checkpoint is at step {step}: nothing to train. '
+          'Raise config.train.steps to train further.')
+      return RunResult(step=step, metrics={}, eval={})
   else:
     state = state_lib.init_state(spec, model_cfg, tx, t.seed)
     if t.get('init_from'):  # Continued pretraining / fine-tuning: its weights, a fresh optimizer.
@@ -123,10 +153,10 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
       log(f'Initialised parameters from {t.init_from} (its step {src_step}); optimizer and step '
           'start fresh')
   if jax.process_index() == 0:
-    # Written only after any existing checkpoint was found to fit, so a refused run never
-    # overwrites the config that sampling reads.
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(cfg.to_json(indent=2))
+    # Written only once the run is known to fit the workdir: a refused run never overwrites the
+    # config that sampling reads.
+    resume.atomic_write_text(os.path.join(workdir, 'config.json'), cfg.to_json(indent=2))
+    resume.trim_metrics(workdir, int(jax.device_get(state['step'])))
   n_params, n_active = model_cfg.param_count(), model_cfg.active_param_count()
   active = f' ({n_active / 1e6:.2f}M active per token)' if n_active != n_params else ''
   log(f'Model: {n_params / 1e6:.2f}M parameters{active}; mesh {dict(mesh.shape)}')
@@ -147,13 +177,14 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
                       in_shardings=(spec.param_shardings, batch_sh, weights_sh),
                       out_shardings=replicated)
 
-  peak_flops = t.peak_flops or peak.matmul_peak_flops(model_cfg.dtype)
+  peak_flops, peak_note = _peak(t, model_cfg, log)
   tokens_per_step = t.batch_size * cfg.data.seq_len
   flops_per_step = model_cfg.flops_per_token(cfg.data.seq_len) * tokens_per_step
   writer = metrics_lib.MetricsWriter(workdir, tensorboard=t.tensorboard)
 
-  def record():
+  def record_now():
     return {'data': data.train.state(), 'model': model_cfg.to_dict(),
+            'data_config': cfg.data.to_dict(), 'schedule_steps': total,
             'corpus_fingerprint': data.info['fingerprint'], 'corpus': data.info,
             'config': cfg.to_json_best_effort()}
 
@@ -171,6 +202,7 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
   last_metrics: dict = {}
   last_eval: dict = {}
   interrupted = False
+  mfu_warned = False
   t_last, step_last, t_first = None, step, None
   try:
     with sharding.use_mesh(mesh, rules), pipeline.use_pipeline(pipe), _StopFlag() as stop:
@@ -179,14 +211,16 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
         state, m = train_step(state, batch)
         step += 1
         m = metrics_lib.flatten(jax.device_get(m))  # Per-layer MoE arrays -> scalars.
+        failpoints.reach('step')
         if not m['finite']:
           if t.nan_policy == 'stop':
             ckpt.wait()
-            kept = ckpt.latest_step()
+            kept = ckpt.latest_verified_step()
             raise TrainingDivergedError(
                 f'loss became non-finite at step {step} (loss={m["loss"]}, grad_norm={m["grad_norm"]}); '
-                f'stopped. The last good checkpoint ({"step " + str(kept) if kept is not None else "none"}) '
-                f'in {ckpt.directory} is kept. Lower config.train.lr or set config.train.nan_policy=skip.')
+                f'stopped. The last good (verified) checkpoint '
+                f'({"step " + str(kept) if kept is not None else "none"}) in {ckpt.directory} is '
+                'kept. Lower config.train.lr or set config.train.nan_policy=skip.')
           log(f'step {step}: non-finite loss, update skipped (config.train.nan_policy=skip)')
         now = time.perf_counter()
         if t_last is None:  # The first step includes compilation: start timing after it.
@@ -197,6 +231,11 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
             tps = (step - step_last) * tokens_per_step / dt
             m['tokens_per_s'] = tps
             m['mfu'] = (step - step_last) * flops_per_step / dt / peak_flops
+            if m['mfu'] > 1 and not mfu_warned:
+              log(f'MFU reads {100 * m["mfu"]:.0f}%: the matmul peak measured at start '
+                  f'({peak_flops / 1e9:.0f} GFLOP/s{peak_note}) was too low, probably measured on '
+                  'a busy machine; set config.train.peak_flops for a reliable MFU')
+              mfu_warned = True
             eta = (t.steps - step) * (now - t_first) / max(1, step - step_first)
             log(metrics_lib.progress_line(step, t.steps, m, eta))
             t_last, step_last = now, step
@@ -211,7 +250,8 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
           step_last = step
         stopping = stop.signum is not None or step == stop_after
         if stopping or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
-          ckpt.save(step, state, record(), force=True)
+          ckpt.save(step, state, record_now(), force=True)
+          failpoints.reach('checkpoint.save')
         if stopping:
           ckpt.wait()
           why = f'Received signal {stop.signum}' if stop.signum is not None else 'Stopping early'
@@ -223,6 +263,20 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
     ckpt.close()
     writer.close()
   return RunResult(step=step, metrics=last_metrics, eval=last_eval, interrupted=interrupted)
+
+
+def _peak(t, model_cfg: ModelConfig, log) -> tuple[float, str]:
+  """The MFU denominator: config.train.peak_flops, or the best of several measured trials; a
+  wide spread between trials (a busy machine) is flagged."""
+  if t.peak_flops:
+    return float(t.peak_flops), ' (config.train.peak_flops)'
+  trials = [peak.matmul_peak_flops(model_cfg.dtype, seconds=0.3) for _ in range(3)]
+  best = max(trials)
+  if min(trials) < 0.8 * best:
+    log(f'note: matmul peak trials vary ({", ".join(f"{x / 1e9:.0f}" for x in trials)} GFLOP/s): '
+        'the machine is busy, so MFU is approximate; set config.train.peak_flops to fix it')
+    return best, ' (unreliable: trials varied)'
+  return best, ''
 
 
 def _global(x: np.ndarray, sh: NamedSharding) -> jax.Array:

@@ -187,7 +187,8 @@ def test_converted_workdir_samples_and_trains_with_the_unchanged_commands(tmp_pa
   glob = write_code_corpus(tmp_path / 'corpus', n_docs=12)
   r = _run(['launch.main', f'--config=configs/finetune.py:{dst}', f'--workdir={new}',
             '--config.data.source=text', f"--config.data.paths=('{glob}',)",
-            '--config.data.seq_len=32', '--config.train.steps=2', '--config.train.lr=0.0',
+            '--config.data.seq_len=32', '--config.train.steps=2', '--config.train.warmup_steps=1',
+            '--config.train.lr=0.0',
             '--config.train.batch_size=2', '--config.train.eval_every=2',
             '--config.train.eval_batches=1', '--config.train.peak_flops=1e11',
             '--config.train.tensorboard=False', '--config.sample.max_new_tokens=4',
@@ -298,7 +299,7 @@ def test_existing_dst_and_cli_errors_are_one_line(tmp_path, llama_f32):
   r = subprocess.run([sys.executable, '-m', 'launch.convert', '--from=hf', '--family=gpt2',
                       f'--src={llama_f32}', f'--dst={tmp_path / "d"}'], cwd=ROOT,
                      capture_output=True, text=True, timeout=120)
-  assert r.returncode == 1 and 'Traceback' not in r.stderr
+  assert r.returncode == 2 and 'Traceback' not in r.stderr
   assert r.stderr.strip().splitlines() == [
       "error: --family='gpt2' is not supported; expected one of ['gemma', 'gemma2', 'gemma3', "
       "'llama', 'mistral', 'mixtral']"]

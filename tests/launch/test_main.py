@@ -45,16 +45,16 @@ def test_train_then_sample_from_the_command_line(tmp_path):
   assert samples[0].strip().startswith('import') and samples[0].strip() == samples[1].strip()
   # A prompt longer than the context is refused with a message, not a traceback.
   r = _run(['launch.sample', f'--workdir={workdir}', '--prompt=' + 'x = 1\n' * 200])
-  assert r.returncode == 1 and 'exceeds the context config.model.max_seq_len' in r.stderr
-  assert 'Traceback' not in r.stderr
+  assert r.returncode == 2 and 'exceeds the context config.model.max_seq_len' in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr
 
 
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
   cfg = _config_file(tmp_path, steps=100000, eval_every=0, checkpoint_every=0, log_every=1)
   workdir = str(tmp_path / 'w')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
-  args = [sys.executable, '-m', 'launch.main', f'--config={cfg}', f'--workdir={workdir}',
-          '--nosample']
+  # Sampling is on: a preempted run saves and exits, it does not sample.
+  args = [sys.executable, '-m', 'launch.main', f'--config={cfg}', f'--workdir={workdir}']
   p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        text=True)
   out = []
@@ -66,6 +66,8 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
   rest, _ = p.communicate(timeout=120)
   assert p.returncode == 0, ''.join(out) + rest
   assert 'Received signal 15: saved step' in rest
+  assert 'samples from' not in rest
+  assert rest.rstrip().endswith('Run the same command again to resume.')   # Nothing after it.
   saved = int(rest.split('saved step ')[1].split()[0])
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(saved)))
   r = _run(['launch.main', f'--config={cfg}', f'--workdir={workdir}', '--nosample',

@@ -94,7 +94,7 @@ def test_cli_compiles_for_more_devices_than_the_test_process_has(tmp_path):
                         '--devices=16', '--config.mesh.preset=fsdp_tensor',
                         '--config.mesh.tensor=3'], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
-  assert bad.returncode == 1 and 'error: config.mesh' in bad.stderr, bad.stderr[-2000:]
+  assert bad.returncode == 2 and 'error: config.mesh' in bad.stderr, bad.stderr[-2000:]
 
 
 def _has_libtpu() -> bool:

@@ -253,7 +253,7 @@ def test_sigterm_on_a_healthy_vm_restarts_in_place(tmp_path, src):
 def test_failures_end_with_one_line(tmp_path, src, probe, message):
   r, calls = launch(tmp_path, *run_args(src, '--max_restarts=0', '--delete_on_finish'),
                     describe=['READY'], probe=probe)
-  assert r.returncode == 1
+  assert r.returncode == 2
   assert r.stderr.startswith(f'error: {message}'), r.stderr
   assert len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr
   assert calls[-1] == DELETE  # --delete_on_finish deletes after a failure too.
@@ -291,7 +291,8 @@ def test_down_status_stop_logs(tmp_path):
 ])
 def test_bad_input_gets_one_line_and_runs_nothing(tmp_path, src, args, message):
   r, calls = launch(tmp_path, *run_args(src, *args))
-  assert r.returncode == 1, r.stdout
+  # 2: the user's to fix (launch/errors.py), bad flags included.
+  assert r.returncode == 2, r.stdout
   assert r.stderr.startswith('error: ') and message in r.stderr, r.stderr
   assert 'Traceback' not in r.stderr
   assert calls == []

@@ -133,6 +133,25 @@ def test_bad_pipeline_settings_fail_clearly():
     PipelineConfig.from_config({'schedule': '1f1b'})
   with pytest.raises(PipelineError, match='must equal the mesh pipeline axis size 4'):
     PipelineConfig.from_config({'stages': 2}, mesh_pipeline=4)
+
+
+def test_moe_every_other_layer_names_the_units_that_do_not_divide():
+  # 6 layers with MoE every 2nd one scan as 3 units of 2 layers: 6 layers divide by 2 stages but
+  # 3 units do not, so the message must say units and what would fit (a multiple of 4 layers).
+  moe6 = tiny_model_config(num_layers=6, moe=MoEConfig(num_experts=4, top_k=2, expert_mlp_dim=16,
+                                                       interval=2)).layer_groups()
+  assert moe6 == ((3, 'DM'),)
+  with pytest.raises(PipelineError) as e:
+    PipelineConfig(2, 2).check_fits(moe6)
+  msg = str(e.value)
+  assert 'num_layers=6 is 3 scanned units of 2 layers' in msg
+  assert 'config.model.moe.interval=2' in msg
+  assert '3 units do not split evenly over config.pipeline.stages=2' in msg
+  assert 'use a multiple of 4 layers' in msg and '\n' not in msg
+  with pytest.raises(PipelineError, match=r'use a multiple of 8 layers .*2 stages x 2 repeats'):
+    PipelineConfig(2, 2, 'circular', 2).check_fits(moe6)
+  PipelineConfig(2, 2).check_fits(tiny_model_config(num_layers=8, moe=MoEConfig(
+      num_experts=4, top_k=2, expert_mlp_dim=16, interval=2)).layer_groups())   # 4 units: fits
   p = PipelineConfig.from_config({'stages': 0, 'microbatches': 0}, mesh_pipeline=4)
   assert (p.stages, p.microbatches, p.repeats) == (4, 4, 1)
   # The forward checks too, before tracing any layer.

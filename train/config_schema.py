@@ -1,0 +1,227 @@
+"""What every training-config value may be: one rule per field, checked before anything is built.
+
+`validate(cfg)` checks a whole config (the sections `configs/base.py:get_base()` makes): each
+field's type and range or choices (model.config.Rule), unknown keys (with the closest known one),
+missing keys, and the cross-field checks that need no device mesh. The model section is checked by
+`ModelConfig.from_dict` (its rules are model/config.py's MODEL_RULES and MOE_RULES); mesh-dependent
+checks (batch shards, expert divisibility, pipeline fit) stay in train/trainer.py:check_config and
+model/pipeline.py. `validate_sample(d)` checks sampling parameters (launch/sample.py,
+launch/workdir.py). Every error is a `ConfigError` of one line naming the field, the value and
+what is allowed.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from model import pipeline, sharding
+from model.config import (BOOL, ConfigError, ModelConfig, Rule, choice, closest_key, nonneg_int,
+                          number, positive_int)
+from train import corpus, tokenizer
+
+SEED = nonneg_int()
+
+DATA_RULES = {
+    'source': choice(corpus.SOURCES),
+    'paths': Rule('strs', note='files or globs, for source text or jsonl'),
+    'text_key': Rule('str', lo=1),
+    'tfds_name': Rule('str', note='required for source tfds'),
+    'tfds_split': Rule('str', lo=1),
+    'tfds_data_dir': Rule('str', none_ok=True, note="'' or None = the TFDS default"),
+    'val_fraction': number(ge=0, lt=1),
+    'max_docs': nonneg_int('0 = all'),
+    'seq_len': positive_int(),
+    'seed': SEED,
+    'tokenizer': Rule('section'),
+}
+TOKENIZER_RULES = {
+    'vocab_size': positive_int('follows config.model.vocab_size'),
+    'model_type': choice(tokenizer.MODEL_TYPES),
+    'path': Rule('str', note="'' = train one on the training split"),
+    'train_bytes': nonneg_int('0 = all the training text'),
+}
+TRAIN_RULES = {
+    'steps': positive_int(),
+    'batch_size': positive_int(),
+    'grad_accum': positive_int(),
+    # 0 leaves the parameters as they start (tests/launch/test_convert.py trains at lr 0 to show
+    # that init_from loads the converted weights exactly); below 0 is gradient ascent.
+    'lr': number(ge=0),
+    'warmup_steps': nonneg_int(),
+    'lr_end_fraction': number(ge=0, le=1),
+    'b1': number(ge=0, lt=1),
+    'b2': number(ge=0, lt=1),
+    'eps': number(gt=0),
+    'weight_decay': number(ge=0),
+    'clip_norm': number(ge=0, note='0 = no clipping'),
+    'z_loss': number(ge=0, note='0 = off'),
+    'log_every': positive_int(),   # The trainer logs at step % log_every == 0.
+    'eval_every': nonneg_int('0 = only at the end'),
+    'eval_batches': nonneg_int('0 = the whole validation split'),
+    'checkpoint_every': nonneg_int('0 = only at the end'),
+    'keep_checkpoints': positive_int(),
+    'async_checkpoints': BOOL,
+    'nan_policy': choice(('stop', 'skip')),
+    'seed': SEED,
+    'peak_flops': number(ge=0, note='0 = measure the matmul peak'),
+    'tensorboard': BOOL,
+    'init_from': Rule('str', note="a workdir, '' = random init"),
+    'on_corrupt': choice(('previous', 'stop')),
+    'verify_checkpoints': BOOL,
+    'schedule_steps': nonneg_int('0 = config.train.steps when the run starts'),
+}
+MESH_RULES = {
+    **{a: Rule('int', lo=1, also=(-1,), note='-1 = the devices left') for a in sharding.MESH_AXES},
+    'preset': choice(('',) + tuple(sorted(sharding.PRESETS)), note="'' = these sizes and rules"),
+    'dcn': Rule('section'),
+    # Pairs (logical name, mesh axes); what they name is checked by sharding.check_rules.
+    'rules': Rule('pairs'),
+}
+DCN_RULES = {a: positive_int() for a in sharding.MESH_AXES}
+PIPELINE_RULES = {
+    'stages': nonneg_int('0 = the mesh pipeline axis size'),
+    'microbatches': nonneg_int('0 = stages'),
+    'schedule': choice(pipeline.SCHEDULES),
+    'circular_repeats': positive_int(),
+}
+SAMPLE_RULES = {
+    'prompt': Rule('str'),
+    'max_new_tokens': positive_int(),
+    'num_samples': nonneg_int('0 = none after training'),   # launch/main.py skips sampling at 0.
+    'temperature': number(ge=0, note='0 = greedy'),
+    'top_k': nonneg_int('0 = off'),
+    'top_p': number(gt=0, le=1, note='1 = off'),
+    'seed': SEED,
+}
+
+# Every section (dotted path under `config.`) and its rules; `model` and `model.moe` are
+# model/config.py's MODEL_RULES and MOE_RULES, applied by ModelConfig.from_dict.
+SECTIONS = {
+    'data': DATA_RULES, 'data.tokenizer': TOKENIZER_RULES, 'train': TRAIN_RULES,
+    'mesh': MESH_RULES, 'mesh.dcn': DCN_RULES, 'pipeline': PIPELINE_RULES, 'sample': SAMPLE_RULES,
+}
+TOP_LEVEL = ('model', 'data', 'train', 'mesh', 'pipeline', 'sample')
+# Top-level sections other modules validate: tolerated here, not checked.
+OTHER_SECTIONS = {'sweep': 'train/scaling/plan.py'}
+# train/tokenizer.py:train_tokenizer's floor: 256 byte pieces, specials and whitespace symbols.
+MIN_TRAINED_VOCAB = 300
+
+
+def _keys(section: Any) -> list[str]:
+  return list(section.keys())   # A ConfigDict is no Mapping, but has keys() and [].
+
+
+def _lookup(cfg: Any, path: str) -> Any:
+  node = cfg
+  for part in path.split('.'):
+    node = node[part]
+  return node
+
+
+def check_section(section: Any, rules: Mapping[str, Rule], where: str) -> None:
+  """Checks one section: no unknown keys (the closest known one is suggested), every key of
+  `rules` present, each value by its rule."""
+  Rule('section').check(where, section)
+  keys = _keys(section)
+  for k in keys:
+    if k not in rules:
+      hint = closest_key(k, rules)
+      raise ConfigError(f'{where}.{k} is not a key' + (f'; did you mean {hint}?' if hint else
+                                                       f'; {where} has: {", ".join(rules)}'))
+  for k, rule in rules.items():
+    if k in keys:
+      rule.check(f'{where}.{k}', section[k])
+    else:
+      raise ConfigError(f'{where}.{k} is missing; expected {rule.allowed()} (configs/base.py '
+                        'get_base() sets every key)')
+
+
+def validate(cfg: Any) -> None:
+  """Checks the whole config `cfg` (a ConfigDict or nested dict); raises ConfigError, one line."""
+  top = _keys(cfg)
+  unknown = [k for k in top if k not in TOP_LEVEL and k not in OTHER_SECTIONS]
+  if unknown:
+    hint = closest_key(unknown[0], TOP_LEVEL)
+    raise ConfigError(f'config.{unknown[0]} is not a section' + (
+        f'; did you mean {hint}?' if hint else f'; sections: {", ".join(TOP_LEVEL)}'))
+  for name in TOP_LEVEL:
+    if name not in top:
+      raise ConfigError(f'config.{name} is missing; configs start from configs/base.py get_base()')
+  model = cfg['model']
+  Rule('section').check('config.model', model)
+  model_cfg = ModelConfig.from_dict(model.to_dict() if hasattr(model, 'to_dict') else model)
+  for path, rules in SECTIONS.items():
+    check_section(_lookup(cfg, path), rules, f'config.{path}')
+  _check_mesh_rules(_lookup(cfg, 'mesh.rules'))
+  _cross_checks(cfg, model_cfg)
+
+
+def validate_sample(d: Mapping[str, Any], prefix: str = 'config.sample.',
+                    flags: Iterable[str] = ()) -> None:
+  """Checks sampling parameters (any subset of config.sample's keys) before sampling. Keys in
+  `flags` came from command-line flags and are named `--key`, the others `prefix + key`."""
+  flags = set(flags)
+
+  def name(k: str) -> str:
+    return f'--{k}' if k in flags else f'{prefix}{k}'
+
+  for k in d:
+    if k not in SAMPLE_RULES:
+      hint = closest_key(k, SAMPLE_RULES)
+      raise ConfigError(f'{name(k)} is not a sampling parameter' +
+                        (f'; did you mean {hint}?' if hint else f'; known: {", ".join(SAMPLE_RULES)}'))
+  for k, rule in SAMPLE_RULES.items():
+    if k in d:
+      # Drawing zero samples is meaningless here (config.sample.num_samples=0 only tells
+      # launch/main.py to skip sampling after training).
+      (positive_int() if k == 'num_samples' else rule).check(name(k), d[k])
+
+
+def _check_mesh_rules(rules: Any) -> None:
+  for name, axes in rules:
+    ok = axes is None or isinstance(axes, str) or (
+        isinstance(axes, (list, tuple)) and all(isinstance(a, str) for a in axes))
+    if not ok:
+      raise ConfigError(f'config.mesh.rules: {name!r} -> {axes!r}; expected a mesh axis name, a '
+                        'list of them, or None (replicated)')
+  try:
+    sharding.check_rules(rules)
+  except sharding.ShardingError as e:   # Same message, as the config error it is.
+    raise ConfigError(str(e)) from None
+
+
+def _cross_checks(cfg: Any, model_cfg: ModelConfig) -> None:
+  """Consistency between fields that needs no device mesh."""
+  t, data, mesh, sample = (cfg[k] for k in ('train', 'data', 'mesh', 'sample'))
+  if t['batch_size'] % t['grad_accum']:   # Wording as train/trainer.py:check_config.
+    raise ConfigError(f'config.train.batch_size={t["batch_size"]} is not divisible by '
+                      f'config.train.grad_accum={t["grad_accum"]}')
+  horizon = ('config.train.schedule_steps', t['schedule_steps']) if t['schedule_steps'] else (
+      'config.train.steps', t['steps'])
+  if t['warmup_steps'] > horizon[1]:
+    raise ConfigError(f'config.train.warmup_steps={t["warmup_steps"]} exceeds {horizon[0]}='
+                      f'{horizon[1]} (the learning-rate schedule\'s length); use at most {horizon[1]}')
+  if data['seq_len'] > model_cfg.max_seq_len:
+    raise ConfigError(f'config.data.seq_len={data["seq_len"]} exceeds '
+                      f'config.model.max_seq_len={model_cfg.max_seq_len}')
+  source, paths = data['source'], data['paths']
+  if source in ('text', 'jsonl') and not paths:
+    raise ConfigError(f'config.data.paths is empty but config.data.source={source!r} reads files; '
+                      "give files or globs, e.g. --config.data.paths='(\"a/*.txt\",)'")
+  if source == 'tfds' and not data['tfds_name']:
+    raise ConfigError("config.data.tfds_name must be set when config.data.source='tfds'")
+  tok = data['tokenizer']
+  if tok['vocab_size'] > model_cfg.vocab_size:
+    raise ConfigError(f'config.data.tokenizer.vocab_size={tok["vocab_size"]} exceeds '
+                      f'config.model.vocab_size={model_cfg.vocab_size} (token ids past the embedding)')
+  if not tok['path'] and tok['vocab_size'] < MIN_TRAINED_VOCAB:
+    raise ConfigError(f'config.data.tokenizer.vocab_size={tok["vocab_size"]} is too small to train a '
+                      f'tokenizer (at least {MIN_TRAINED_VOCAB}: 256 byte pieces, specials and '
+                      'whitespace symbols); raise config.model.vocab_size or set '
+                      'config.data.tokenizer.path')
+  if not mesh['preset']:
+    fill = [a for a in sharding.MESH_AXES if mesh[a] == -1]
+    if len(fill) > 1:
+      raise ConfigError(f'config.mesh: only one axis may be -1 (fill), got {fill}')
+  if sample['top_k'] > model_cfg.vocab_size:
+    raise ConfigError(f'config.sample.top_k={sample["top_k"]} exceeds '
+                      f'config.model.vocab_size={model_cfg.vocab_size}')
