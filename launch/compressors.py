@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import bz2
 import gzip
-import json
 import lzma
-import os
 import sys
 import time
 
 from train import corpus
 from train import data as data_lib
+from train import paths
 
 
 def compressor_bits_per_byte(data: bytes) -> dict[str, float]:
@@ -44,9 +43,8 @@ def run(data_cfg, workdir: str | None = None) -> dict:
             'bits_per_byte': compressor_bits_per_byte(raw),
             'seconds': round(time.time() - start, 2)}
   if workdir:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'compressors.json'), 'w') as f:
-      json.dump(result, f, indent=1)
+    paths.makedirs(workdir)
+    paths.write_json(paths.join(workdir, 'compressors.json'), result)
   return result
 
 

@@ -224,9 +224,11 @@ def check_workdir(path: str, flag: str = '--workdir') -> str:
   """Checks, before any work starts, that `path` is a directory this process can create files in,
   or can be created; a bad --workdir gets one line naming it. Creates nothing (the trainer makes
   the directory once the config is known to be good) and returns `path`. Object-store paths
-  (gs://...) are left to their filesystem layer."""
+  (gs://..., see train/paths.py) are returned as they are: they have no local permissions to
+  probe, and their filesystem layer reports its own errors."""
   import tempfile
-  if '://' in path:
+  from train import paths
+  if paths.is_remote(path):
     return path
   where = os.path.abspath(path)
   while not os.path.lexists(where) and os.path.dirname(where) != where:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import os
 import shlex
@@ -31,6 +32,8 @@ from typing import Callable, Sequence
 
 from absl import flags, logging
 from ml_collections import config_flags
+
+from train import paths
 
 POINT_RECORD = 'sweep_point.json'
 DATA_FILES = ('tokens_train.npy', 'tokens_val.npy', 'tokens.json')
@@ -70,31 +73,23 @@ class SweepSummary:
 
 def _log_to(path: str, log: Callable[[str], None], prefix: str) -> Callable[[str], None]:
   def write(line: str) -> None:
-    with open(path, 'a', encoding='utf-8') as f:
-      f.write(line + '\n')
+    paths.append_text(path, line + '\n')
     log(f'[{prefix}] {line}')
   return write
 
 
 def read_record(point_dir: str) -> dict | None:
-  try:
-    with open(os.path.join(point_dir, POINT_RECORD), encoding='utf-8') as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+  return paths.read_json(paths.join(point_dir, POINT_RECORD))
 
 
 def _write_record(point_dir: str, record: dict) -> None:
-  tmp = os.path.join(point_dir, POINT_RECORD + '.tmp')
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(record, f, indent=1)
-  os.replace(tmp, os.path.join(point_dir, POINT_RECORD))
+  paths.write_json(paths.join(point_dir, POINT_RECORD), record)
 
 
 def prepare_shared_data(point_cfg, workdir: str, log=print) -> str:
   """Trains the tokenizer and tokenizes the corpus once, in WORKDIR/data; returns that dir."""
   from train import data as data_lib
-  data_dir = os.path.join(workdir, 'data')
+  data_dir = paths.join(workdir, 'data')
   start = time.time()
   data_lib.build_data(point_cfg, data_dir)
   log(f'Shared data cache in {data_dir} ({time.time() - start:.0f} s)')
@@ -106,12 +101,15 @@ def share_data(point_cfg, point_dir: str, data_dir: str | None) -> None:
   so the trainer's own caches (train/data.py) hit instead of retraining and re-tokenizing."""
   if not data_dir:
     return
-  os.makedirs(point_dir, exist_ok=True)
+  paths.makedirs(point_dir)
   if not point_cfg.data.tokenizer.path:
-    point_cfg.data.tokenizer.path = os.path.abspath(os.path.join(data_dir, 'tokenizer.model'))
+    point_cfg.data.tokenizer.path = paths.absolute(paths.join(data_dir, 'tokenizer.model'))
   for name in DATA_FILES:
-    src, dst = os.path.join(data_dir, name), os.path.join(point_dir, name)
-    if os.path.exists(src) and not os.path.exists(dst):
+    src, dst = paths.join(data_dir, name), paths.join(point_dir, name)
+    if paths.exists(src) and not paths.exists(dst):
+      if paths.is_remote(src) or paths.is_remote(dst):
+        paths.write_bytes(dst, paths.read_bytes(src))  # Object stores have no hard links.
+        continue
       try:
         os.link(src, dst)
       except OSError:
@@ -124,7 +122,7 @@ def run_point(point_cfg, point_dir: str, name: str, log=print, train_fn=None) ->
   from train import trainer
   from train.scaling import counting
   train_fn = train_fn or trainer.train
-  os.makedirs(point_dir, exist_ok=True)
+  paths.makedirs(point_dir)
   seq_len = int(point_cfg.data.seq_len)
   tokens = int(point_cfg.train.steps) * int(point_cfg.train.batch_size) * seq_len
   record = {'name': name, 'status': 'failed', 'started': time.time(), 'tokens': tokens}
@@ -132,7 +130,7 @@ def run_point(point_cfg, point_dir: str, name: str, log=print, train_fn=None) ->
   try:
     counts = counting.param_counts(point_cfg.model)
     record.update(params=counts.total, flops=counting.training_flops(point_cfg.model, seq_len, tokens))
-    result = train_fn(point_cfg, point_dir, log=_log_to(os.path.join(point_dir, 'train.log'), log, name))
+    result = train_fn(point_cfg, point_dir, log=_log_to(paths.join(point_dir, 'train.log'), log, name))
   except Exception as e:  # noqa: BLE001 - any failure of one point is recorded, the sweep goes on.
     record.update(error=f'{type(e).__name__}: {e}', traceback=traceback.format_exc()[-4000:],
                   wall_s=time.time() - start)
@@ -154,14 +152,19 @@ def run_point(point_cfg, point_dir: str, name: str, log=print, train_fn=None) ->
   return record
 
 
+def _metric_rows(point_dir: str):
+  """The rows of the run's metrics.jsonl, streamed; raises OSError/ValueError as reading does."""
+  with paths.open_read(paths.join(point_dir, 'metrics.jsonl'), 'rb') as raw:
+    for line in io.TextIOWrapper(raw, encoding='utf-8'):
+      yield json.loads(line)
+
+
 def _metrics(point_dir: str, key: str) -> list[float]:
   out = []
   try:
-    with open(os.path.join(point_dir, 'metrics.jsonl'), encoding='utf-8') as f:
-      for line in f:
-        row = json.loads(line)
-        if key in row:
-          out.append(float(row[key]))
+    for row in _metric_rows(point_dir):
+      if key in row:
+        out.append(float(row[key]))
   except (OSError, ValueError):
     pass
   return out
@@ -171,11 +174,9 @@ def read_curve(point_dir: str) -> list[tuple[int, float]]:
   """(step, training loss) from the run's metrics.jsonl, the last value per step (resumes append)."""
   by_step = {}
   try:
-    with open(os.path.join(point_dir, 'metrics.jsonl'), encoding='utf-8') as f:
-      for line in f:
-        row = json.loads(line)
-        if 'loss' in row:
-          by_step[int(row['step'])] = float(row['loss'])
+    for row in _metric_rows(point_dir):
+      if 'loss' in row:
+        by_step[int(row['step'])] = float(row['loss'])
   except (OSError, ValueError):
     pass
   return sorted(by_step.items())
@@ -183,7 +184,7 @@ def read_curve(point_dir: str) -> list[tuple[int, float]]:
 
 def point_command(config_path: str, workdir: str, point, passthrough: Sequence[str] = ()) -> str:
   """The launch.main command line that trains one point as an ordinary run."""
-  args = [f'--config={config_path}', f'--workdir={os.path.join(workdir, "points", point.name)}',
+  args = [f'--config={config_path}', f'--workdir={paths.join(workdir, "points", point.name)}',
           *passthrough, f'--config.sweep.point={point.name}']
   args += [f'--config.{k}={v}' for k, v in point.overrides.items()]
   return 'python -m launch.main ' + ' '.join(shlex.quote(a) for a in args)
@@ -200,16 +201,15 @@ def run_sweep(cfg, workdir: str, *, retry_failed: bool = False, plan_only: bool 
   points = plan_lib.plan_sweep(cfg)
   table = plan_lib.format_plan(points, float(cfg.sweep.flops_per_s), float(cfg.sweep.overhead_s))
   log(table)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'plan.txt'), 'w', encoding='utf-8') as f:
-    f.write(table + '\n')
+  paths.makedirs(workdir)
+  paths.write_text(paths.join(workdir, 'plan.txt'), table + '\n')
   summary = SweepSummary([], [], [], [])
   if plan_only:
     return summary
   retry_failed = retry_failed or bool(cfg.sweep.get('retry_failed', False))
   data_dir = None
   for point in points:
-    point_dir = os.path.join(workdir, 'points', point.name)
+    point_dir = paths.join(workdir, 'points', point.name)
     record = read_record(point_dir) or {}
     status = record.get('status')
     if status == 'done':
@@ -245,7 +245,7 @@ def run_sweep(cfg, workdir: str, *, retry_failed: bool = False, plan_only: bool 
   summary.analysis = report.analyze(rows, curves, workdir, cfg, log=log)
   log(f'Sweep {workdir}: {len(summary.done)} done, {len(summary.failed)} failed '
       f'{summary.failed or ""}, {len(summary.pending)} pending. Report: '
-      f'{os.path.join(workdir, "report.md")}')
+      f'{paths.join(workdir, "report.md")}')
   return summary
 
 
@@ -254,7 +254,7 @@ def collect(points, workdir: str) -> tuple[list[dict], list[dict]]:
   training curves as (name, params, flops_per_token, flops list, loss list)."""
   rows, curves = [], []
   for p in points:
-    point_dir = os.path.join(workdir, 'points', p.name)
+    point_dir = paths.join(workdir, 'points', p.name)
     record = read_record(point_dir) or {'status': 'pending'}
     o = p.overrides
     row = {'name': p.name, 'status': record.get('status', 'pending'), 'budget': p.budget,

@@ -44,11 +44,12 @@ _EXCLUDE = flags.DEFINE_multi_string('exclude', [], 'More tar --exclude patterns
 _PYTHON = flags.DEFINE_string('python', '3.12', 'Python version of the virtualenv on the workers.')
 _REMOTE_SETUP = flags.DEFINE_string('remote_setup', None,
                                     'Shell command run on every worker after install, e.g. to '
-                                    'mount a bucket for the workdir.')
+                                    'mount a shared disk for the workdir.')
 _CONFIG = flags.DEFINE_string('config', None, 'Training config, relative to the code, e.g. '
                               'configs/palm_8b.py. --config.a.b=v overrides pass through.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir on the workers; it must outlive the VM '
-                               'for resuming after a preemption (a bucket).')
+                               'for resuming after a preemption: a bucket URL (gs://bucket/run) '
+                               'or a mounted bucket or shared disk.')
 _ENV = flags.DEFINE_multi_string('env', [], 'KEY=VALUE for the training process (repeatable).')
 _MAX_RESTARTS = flags.DEFINE_integer('max_restarts', 20, 'Restarts after preemption, at most.')
 _POLL = flags.DEFINE_float('poll_seconds', 60.0, 'Seconds between state checks.')

@@ -5,16 +5,15 @@ Shared by `launch.sample` (CLI), `launch.main` (samples after training) and the 
 from __future__ import annotations
 
 import json
-import os
 
 
 def load_config(workdir: str):
   import ml_collections
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  from train import paths
+  path = paths.join(workdir, 'config.json')
+  if not paths.exists(path):
     raise FileNotFoundError(f'{path} not found: --workdir must be a palmax training workdir')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(paths.read_bytes(path)))
 
 
 def load_model(workdir: str, step: int | None = None):

@@ -93,3 +93,44 @@ def tree_digest(root) -> dict:
   root = pathlib.Path(root)
   return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
           for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+@pytest.fixture
+def fake_bucket(tmp_path, monkeypatch):
+  """`gs://bucket/...` served from `tmp_path/bucket` with an object store's semantics (no append,
+  no directories needed, no flock), through fsspec as etils.epath reaches GCS without TensorFlow.
+  Orbax's own GCS path (tensorstore's network driver) is mapped to the same local directory, so
+  every palmax read and write takes its remote code path while the bytes stay on this machine."""
+  import fsspec
+  import orbax.checkpoint as ocp
+  from fsspec.implementations.local import LocalFileSystem
+
+  root = str(tmp_path / 'fake-gcs')
+
+  def local(path):
+    path = str(path)
+    return os.path.join(root, path[len('gs://'):]) if path.startswith('gs://') else path
+
+  class FakeGCS(LocalFileSystem):
+    protocol = ('gs', 'gcs')
+
+    def __init__(self, *args, finalize_on_close=None, **kwargs):
+      super().__init__(*args, auto_mkdir=True, **kwargs)   # Objects need no parent directories.
+
+    @classmethod
+    def _strip_protocol(cls, path):
+      return super()._strip_protocol(local(path)).rstrip('/')
+
+    def _open(self, path, mode='rb', **kwargs):
+      if 'a' in mode:
+        raise OSError(f'{path}: an object store cannot append')
+      return super()._open(path, mode, **kwargs)
+
+  for name in FakeGCS.protocol:
+    fsspec.register_implementation(name, FakeGCS, clobber=True)
+  from etils.epath import backend
+  backend.fsspec_backend._get_filesystem.cache_clear()
+  real = ocp.CheckpointManager
+  monkeypatch.setattr(ocp, 'CheckpointManager', lambda directory, *a, **k: real(local(directory), *a, **k))
+  yield local
+  backend.fsspec_backend._get_filesystem.cache_clear()

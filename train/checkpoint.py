@@ -11,12 +11,13 @@ newest step that verifies (or stops), and moves corrupt steps to `WORKDIR/checkp
 """
 from __future__ import annotations
 
-import os
+
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
+from train import paths
 from train.checkpoint_verify import (MANIFEST, CheckpointCorruptError, move_corrupt,  # noqa: F401
                                      newest_verified, quiet_reads, read_error,
                                      verify_step, write_manifest)
@@ -33,7 +34,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True,
                log: Callable[[str], None] = print):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.directory = paths.join(paths.absolute(workdir), 'checkpoints')
     self._async, self._log = async_save, log
     self._saving: int | None = None   # The step whose manifest the hook writes.
     # orbax accepts the hook only with its AsyncCheckpointer; synchronous saves write the
@@ -67,15 +68,14 @@ class Checkpointer:
     # orbax's save waits for the previous one anyway; waiting here first means the hook of that
     # previous save has run before `_saving` names the new step.
     self._manager.wait_until_finished()
-    if step in self._manager.all_steps() and not os.path.isdir(
-        os.path.join(self.directory, str(step))):
+    if step in self._manager.all_steps() and not paths.isdir(paths.join(self.directory, str(step))):
       self._manager.reload()   # Process 0 moved it away as corrupt (other processes still list it).
     self._saving = step
     saved = self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       record=ocp.args.JsonSave(record)), force=force)
     if saved and not self._async:   # Committed already: a kill before this leaves it unverified.
-      self._write_manifest(step, os.path.join(self.directory, str(step)))
+      self._write_manifest(step, paths.join(self.directory, str(step)))
     return saved
 
   def _on_finalized(self) -> None:
@@ -85,10 +85,10 @@ class Checkpointer:
     step = self._saving
     if step is None:
       return
-    tmp = os.path.join(self.directory, f'{step}{_TMP_SUFFIX}')
+    tmp = paths.join(self.directory, f'{step}{_TMP_SUFFIX}')
     # Storage that commits in place (a commit file, no rename) writes straight into '<step>'.
-    self._write_manifest(step, tmp if os.path.isdir(tmp) else
-                         os.path.join(self.directory, str(step)))
+    self._write_manifest(step, tmp if paths.isdir(tmp) else
+                         paths.join(self.directory, str(step)))
 
   def _write_manifest(self, step: int, step_dir: str) -> None:
     if jax.process_index() != 0:
@@ -153,7 +153,7 @@ class Checkpointer:
             'checkpoints were verified, or killed before its manifest was written): restored '
             'it unverified')
       return state, record
-    dests = sorted({os.path.dirname(d) for _, _, d in skipped})
+    dests = sorted({paths.dirname(d) for _, _, d in skipped})
     raise CheckpointCorruptError(
         f'no checkpoint in {self.directory} can be restored: '
         + '; '.join(f'step {s}: {why}' for s, why, _ in skipped)
@@ -161,7 +161,7 @@ class Checkpointer:
 
   def _restore_step(self, abstract_state: Any, step: int, expect: dict | None,
                     verify: bool) -> tuple[Any, dict, bool]:
-    if not os.path.isdir(os.path.join(self.directory, str(step))):
+    if not paths.isdir(paths.join(self.directory, str(step))):
       raise CheckpointCorruptError(   # Moved away meanwhile (by process 0 of this job?).
           f'checkpoint step {step} in {self.directory} is corrupt: its directory is gone',
           step, self.directory)
@@ -176,9 +176,9 @@ class Checkpointer:
     return out['state'], dict(out['record']), verified
 
   def _move(self, step: int) -> str:
-    dest_root = os.path.join(os.path.dirname(self.directory), 'checkpoints_corrupt')
-    if jax.process_index() != 0 or not os.path.isdir(os.path.join(self.directory, str(step))):
-      return os.path.join(dest_root, str(step))
+    dest_root = paths.join(paths.dirname(self.directory), 'checkpoints_corrupt')
+    if jax.process_index() != 0 or not paths.isdir(paths.join(self.directory, str(step))):
+      return paths.join(dest_root, str(step))
     dest = move_corrupt(self.directory, step)
     self._manager.reload()   # Forget the step, so it can be saved again and is never deleted.
     return dest

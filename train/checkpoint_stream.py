@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 from typing import Any, Callable
 
 import jax
@@ -24,7 +23,7 @@ import tensorstore as ts
 from etils import epath
 from orbax.checkpoint import type_handlers as th
 
-from train import checkpoint_verify as cv
+from train import checkpoint_verify as cv, paths
 
 BLOCK_BYTES = 64 << 20   # Target size of one written block and of one stored chunk.
 
@@ -111,7 +110,7 @@ def save_streamed(workdir: str, step: int, state: Any, record: dict,
     return ocp.SaveArgs()
 
   manager = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      paths.join(paths.absolute(workdir), 'checkpoints'),
       item_handlers={'state': ocp.PyTreeCheckpointHandler(type_handler_registry=_registry(handler)),
                      'record': ocp.JsonCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
@@ -129,7 +128,7 @@ def save_streamed(workdir: str, step: int, state: Any, record: dict,
   if handler.error is not None:
     raise handler.error
   if jax.process_index() == 0:   # Committed: now its manifest (a kill before leaves it unverified).
-    cv.write_manifest(os.path.join(os.path.abspath(workdir), 'checkpoints', str(step)), step)
+    cv.write_manifest(paths.join(paths.absolute(workdir), 'checkpoints', str(step)), step)
 
 
 def check_step(root: str, step: int, verify: bool = True) -> None:
@@ -158,7 +157,7 @@ class LeafReader:
   against the step's manifest first unless `verify=False` (which skips reading every byte)."""
 
   def __init__(self, workdir: str, step: int | None = None, verify: bool = True):
-    root = epath.Path(os.path.abspath(workdir)) / 'checkpoints'
+    root = epath.Path(paths.absolute(workdir)) / 'checkpoints'
     steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
     if not steps:
       raise FileNotFoundError(f'no checkpoint in {root}')
@@ -170,10 +169,8 @@ class LeafReader:
     check_step(self._root, step, verify)
     self.directory = root / str(step) / 'state'
     try:
-      with open(self.directory / '_METADATA') as f:
-        meta = json.load(f)
-      with open(root / str(step) / 'record' / 'metadata') as f:
-        self.record = json.load(f)
+      meta = json.loads((self.directory / '_METADATA').read_bytes())
+      self.record = json.loads((root / str(step) / 'record' / 'metadata').read_bytes())
     except (OSError, ValueError) as e:
       raise _read_failed(self._root, step, e) from None
     self._zarr3 = bool(meta.get('use_zarr3'))
@@ -216,7 +213,7 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None,
   The step is checked against its manifest first (the whole step is hashed: OCDBT interleaves
   parameters and moments in the same files); `verify=False` skips that for huge checkpoints.
   A corrupt or unreadable step raises CheckpointCorruptError in one line."""
-  root = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  root = paths.join(paths.absolute(workdir), 'checkpoints')
   manager = ocp.CheckpointManager(
       root, item_handlers={'state': ocp.PyTreeCheckpointHandler(),
                            'record': ocp.JsonCheckpointHandler()})
@@ -275,7 +272,7 @@ def check_model(record: dict, model_cfg, where: str, architecture_only: bool = F
 def init_params(workdir: str, model_cfg, abstract_params: Any) -> tuple[Any, int]:
   """(params, step) of `workdir`'s latest checkpoint for `config.train.init_from`. Its model must
   have the same architecture as `model_cfg` (see `check_model`)."""
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+  if not paths.isdir(paths.join(workdir, 'checkpoints')):
     raise FileNotFoundError(f'config.train.init_from={workdir!r} holds no checkpoints/ directory')
   reader = LeafReader(workdir)
   check_model(reader.record, model_cfg, f'config.train.init_from={workdir!r} '

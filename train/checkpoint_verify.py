@@ -27,6 +27,8 @@ import json
 import os
 import sys
 
+from train import paths
+
 MANIFEST = 'palmax_manifest.json'
 FORMAT = 'palmax-checkpoint-manifest'
 VERSION = 1
@@ -51,27 +53,21 @@ class CheckpointCorruptError(ValueError):
 def sha256_file(path: str) -> str:
   """Hex sha256 of a file, read in chunks (checkpoint files can be many GB)."""
   h = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with paths.open_read(path, 'rb') as f:
     while chunk := f.read(_CHUNK):
       h.update(chunk)   # hashlib releases the GIL on large buffers: threads hash in parallel.
   return h.hexdigest()
 
 
 def _step_files(step_dir: str) -> list[str]:
-  out = []
-  for root, dirs, files in os.walk(step_dir):
-    dirs.sort()
-    for name in sorted(files):
-      rel = os.path.relpath(os.path.join(root, name), step_dir).replace(os.sep, '/')
-      if rel != MANIFEST and rel not in UNHASHED and not rel.startswith(MANIFEST + '.'):
-        out.append(rel)
-  return out
+  return [rel for rel in paths.walk_files(step_dir)
+          if rel != MANIFEST and rel not in UNHASHED and not rel.startswith(MANIFEST + '.')]
 
 
 def _hash_all(step_dir: str, rels: list[str]) -> dict[str, str]:
   workers = max(1, min(8, os.cpu_count() or 1, len(rels)))
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    digests = pool.map(lambda r: sha256_file(os.path.join(step_dir, r)), rels)
+    digests = pool.map(lambda r: sha256_file(paths.join(step_dir, r)), rels)
     return dict(zip(rels, digests))
 
 
@@ -82,15 +78,10 @@ def write_manifest(step_dir: str, step: int) -> dict:
   digests = _hash_all(step_dir, rels)
   manifest = {'format': FORMAT, 'version': VERSION, 'step': int(step), 'algorithm': 'sha256',
               'unhashed': list(UNHASHED),
-              'files': {r: {'size': os.path.getsize(os.path.join(step_dir, r)),
+              'files': {r: {'size': paths.size(paths.join(step_dir, r)),
                             'sha256': digests[r]} for r in rels}}
-  final = os.path.join(step_dir, MANIFEST)
-  tmp = f'{final}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(manifest, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, final)
+  paths.write_bytes(paths.join(step_dir, MANIFEST),
+                    json.dumps(manifest, indent=1, sort_keys=True).encode(), fsync=True)
   return manifest
 
 
@@ -105,20 +96,19 @@ def verify_step(root: str, step: int, prefix: str | None = None) -> bool:
   CheckpointCorruptError (one line naming the step, `root` and the file) otherwise. `prefix`
   (e.g. 'record/') checks only the files under it. Sizes and the file list are checked before
   any file is hashed, so a truncated or missing file is reported without reading gigabytes."""
-  step_dir = os.path.join(root, str(step))
+  step_dir = paths.join(root, str(step))
 
   def corrupt(path: str | None, why: str) -> CheckpointCorruptError:
     return CheckpointCorruptError(f'checkpoint step {step} in {root} is corrupt: {why}',
                                   step, root, path)
 
-  if not os.path.isdir(step_dir):
+  if not paths.isdir(step_dir):
     raise FileNotFoundError(f'no checkpoint step {step} in {root}')
-  manifest_path = os.path.join(step_dir, MANIFEST)
-  if not os.path.exists(manifest_path):
+  manifest_path = paths.join(step_dir, MANIFEST)
+  if not paths.exists(manifest_path):
     return False
   try:
-    with open(manifest_path) as f:
-      manifest = json.load(f)
+    manifest = json.loads(paths.read_bytes(manifest_path))
     version, files = manifest.get('version'), manifest.get('files')   # Not a dict: corrupt.
   except (OSError, ValueError, AttributeError) as e:
     raise corrupt(MANIFEST, f'its manifest {MANIFEST} is unreadable ({type(e).__name__}: '
@@ -132,10 +122,10 @@ def verify_step(root: str, step: int, prefix: str | None = None) -> bool:
     raise corrupt(MANIFEST, f'its manifest {MANIFEST} is malformed')
   want = {r: v for r, v in files.items() if prefix is None or r.startswith(prefix)}
   for rel in sorted(want):
-    full = os.path.join(step_dir, rel)
-    if not os.path.isfile(full):
+    full = paths.join(step_dir, rel)
+    if not paths.isfile(full):
       raise corrupt(rel, f'{rel} is missing (it was deleted after the step was saved)')
-    size, expected = os.path.getsize(full), want[rel]['size']
+    size, expected = paths.size(full), want[rel]['size']
     if size != expected:
       how = 'truncated' if size < expected else 'bytes were appended'
       raise corrupt(rel, f'{rel} has {size} bytes, expected {expected} ({how})')
@@ -154,11 +144,10 @@ def verify_step(root: str, step: int, prefix: str | None = None) -> bool:
       raise corrupt(rel, f'{rel} has sha256 {_short(digests[rel])}, expected '
                          f'{_short(want[rel]["sha256"])} (the file changed after it was saved)')
   if prefix is None:
-    meta = os.path.join(step_dir, '_CHECKPOINT_METADATA')
-    if os.path.exists(meta):   # Unhashed, but orbax parses it: at least it must be JSON.
+    meta = paths.join(step_dir, '_CHECKPOINT_METADATA')
+    if paths.exists(meta):   # Unhashed, but orbax parses it: at least it must be JSON.
       try:
-        with open(meta) as f:
-          json.load(f)
+        json.loads(paths.read_bytes(meta))
       except (OSError, ValueError) as e:
         raise corrupt('_CHECKPOINT_METADATA', f'_CHECKPOINT_METADATA is not valid JSON ({e})') \
             from None
@@ -168,10 +157,10 @@ def verify_step(root: str, step: int, prefix: str | None = None) -> bool:
 def list_steps(root: str) -> list[int]:
   """Committed step numbers in a checkpoints directory (orbax's temporary directories, whose
   names carry a suffix, are not steps), ascending."""
-  if not os.path.isdir(root):
+  if not paths.isdir(root):
     return []
-  return sorted(int(n) for n in os.listdir(root)
-                if n.isdigit() and os.path.isdir(os.path.join(root, n)))
+  return sorted(int(n) for n in paths.listdir(root)
+                if n.isdigit() and paths.isdir(paths.join(root, n)))
 
 
 def newest_verified(root: str, steps: list[int] | None = None, skip: int | None = None):
@@ -200,13 +189,13 @@ def move_corrupt(root: str, step: int) -> str:
   """Moves step directory `step` out of `root` into `<workdir>/checkpoints_corrupt/` (kept for
   inspection; orbax never lists it again and the step number can be saved anew). Returns the
   new path."""
-  dest_root = os.path.join(os.path.dirname(os.path.abspath(root)), 'checkpoints_corrupt')
-  os.makedirs(dest_root, exist_ok=True)
-  dest, n = os.path.join(dest_root, str(step)), 1
-  while os.path.exists(dest):   # The same step number may have gone bad before.
+  dest_root = paths.join(paths.dirname(paths.absolute(root)), 'checkpoints_corrupt')
+  paths.makedirs(dest_root)
+  dest, n = paths.join(dest_root, str(step)), 1
+  while paths.exists(dest):   # The same step number may have gone bad before.
     n += 1
-    dest = os.path.join(dest_root, f'{step}.{n}')
-  os.replace(os.path.join(root, str(step)), dest)
+    dest = paths.join(dest_root, f'{step}.{n}')
+  paths.move(paths.join(root, str(step)), dest)
   return dest
 
 

@@ -29,13 +29,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from train import corpus, failpoints
+from train import corpus, failpoints, paths
 from train import tokenizer as tokenizer_lib
 
 
@@ -202,12 +201,12 @@ def cached_tokens(tok: tokenizer_lib.Tokenizer, train_docs: Sequence[corpus.Docu
   fingerprint + tokenizer digest) matches, else tokenized here; `save()` writes the cache (None
   when it is current). Nothing is written here."""
   key = f'{fingerprint}:{tok.digest}'
-  paths = {s: os.path.join(workdir, f'tokens_{s}.npy') for s in ('train', 'val')} if workdir else {}
-  meta_path = os.path.join(workdir, 'tokens.json') if workdir else None
+  files = {s: paths.join(workdir, f'tokens_{s}.npy') for s in ('train', 'val')} if workdir else {}
+  meta_path = paths.join(workdir, 'tokens.json') if workdir else None
   if meta_path and tokenizer_lib._read_json(meta_path).get('key') == key:
     try:
       meta = tokenizer_lib._read_json(meta_path)
-      return (np.load(paths['train'], mmap_mode='r'), np.load(paths['val']),
+      return (paths.load_npy(files['train'], mmap=True), paths.load_npy(files['val']),
               dict(meta, cached=True), None)
     except (OSError, ValueError):
       pass  # unreadable cache: rebuild it
@@ -221,12 +220,9 @@ def cached_tokens(tok: tokenizer_lib.Tokenizer, train_docs: Sequence[corpus.Docu
   def save():
     # The key goes first and comes back last: a kill in between leaves no key, never a key
     # that names arrays which were only partly replaced.
-    if os.path.exists(meta_path):
-      os.remove(meta_path)
+    paths.remove(meta_path)
     for split_name, arr in (('train', train_N), ('val', val_N)):
-      tmp = paths[split_name] + f'.tmp{os.getpid()}.npy'
-      np.save(tmp, arr)
-      os.replace(tmp, paths[split_name])
+      paths.save_npy(files[split_name], arr)
       failpoints.reach('tokens.write')
     tokenizer_lib._atomic_write(meta_path, json.dumps(meta, indent=1).encode())
   return train_N, val_N, dict(meta, cached=False), save
@@ -325,7 +321,7 @@ def build_data(cfg: Any, workdir: str | None, process_index: int = 0, process_co
     coverage = min(len(val) * eval_bs * seq_len, len(val_N)) / len(val_N)
   info.update(val_bytes_per_token=val_bpt, val_coverage=coverage)
   if workdir:  # Everything fits: now the workdir may change.
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     for save in (save_tokenizer, save_tokens):
       if save is not None:
         save()

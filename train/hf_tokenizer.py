@@ -21,6 +21,8 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from train import paths
+
 TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json',
                    'special_tokens_map.json', 'added_tokens.json')
 IDS_FILE = 'palmax_special_ids.json'
@@ -28,7 +30,7 @@ _SPECIALS = ('bos', 'eos', 'pad', 'unk')
 
 
 def has_tokenizer(directory: str) -> bool:
-  return any(os.path.isfile(os.path.join(directory, f)) for f in ('tokenizer.model', 'tokenizer.json'))
+  return any(paths.isfile(paths.join(directory, f)) for f in ('tokenizer.model', 'tokenizer.json'))
 
 
 def _token_string(v) -> str | None:
@@ -45,13 +47,12 @@ class HFTokenizer:
     """Loads the tokenizer files of `directory` (or the given `files`, named as in a directory)."""
     self.where = directory
     if files is None:
-      if not os.path.isdir(directory):
+      if not paths.isdir(directory):
         raise ValueError(f'tokenizer directory {directory!r} does not exist')
       files = {}
       for f in TOKENIZER_FILES + (IDS_FILE,):
-        if os.path.isfile(os.path.join(directory, f)):
-          with open(os.path.join(directory, f), 'rb') as fh:
-            files[f] = fh.read()
+        if paths.isfile(paths.join(directory, f)):
+          files[f] = paths.read_bytes(paths.join(directory, f))
     self._ids_file = files.pop(IDS_FILE, None)
     self._files = files
     if 'tokenizer.model' in self._files:
@@ -110,8 +111,7 @@ class HFTokenizer:
   @classmethod
   def from_model_file(cls, path: str) -> 'HFTokenizer':
     """A bare SentencePiece model file (special ids from the model itself)."""
-    with open(path, 'rb') as f:
-      return cls(path, files={'tokenizer.model': f.read()})
+    return cls(path, files={'tokenizer.model': paths.read_bytes(path)})
 
   # -- Tokenizer interface ----------------------------------------------------------------------
 
@@ -182,14 +182,17 @@ class HFTokenizer:
 
   def save(self, directory: str) -> None:
     """Writes the tokenizer files and the resolved special ids into `directory` (replaced)."""
+    files = dict(self._files, **{IDS_FILE: json.dumps(self.ids, indent=1).encode()})
+    if paths.is_remote(directory):   # No directory renames on an object store: file by file.
+      for name, data in files.items():
+        paths.write_bytes(paths.join(directory, name), data)
+      return
     tmp = f'{directory}.tmp{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    for name, data in self._files.items():
+    for name, data in files.items():
       with open(os.path.join(tmp, name), 'wb') as f:
         f.write(data)
-    with open(os.path.join(tmp, IDS_FILE), 'w') as f:
-      json.dump(self.ids, f, indent=1)
     if os.path.isdir(directory):
       shutil.rmtree(directory)
     os.replace(tmp, directory)

@@ -6,44 +6,101 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import jax
 import numpy as np
 
+from train import paths
+
 
 class MetricsWriter:
-  """`write(step, {name: float})` appends to WORKDIR/metrics.jsonl and WORKDIR/tensorboard/."""
+  """`write(step, {name: float})` appends to WORKDIR/metrics.jsonl and WORKDIR/tensorboard/.
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  On an object store (`gs://...`), which cannot append, the JSONL object is rewritten at most
+  every `flush_seconds` and at `close()`, and TensorBoard event files go through the same path
+  layer (`train/paths.py`)."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True, flush_seconds: float = 30.0):
     self.enabled = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    paths.makedirs(workdir)
+    self._path = paths.join(workdir, 'metrics.jsonl')
+    self._remote = paths.is_remote(workdir)
+    self._pending: list[str] = []
+    self._flush_seconds, self._flushed = flush_seconds, time.monotonic()
+    if not self._remote:
+      self._jsonl = open(self._path, 'a', encoding='utf-8')
     if tensorboard:
       from tensorboardX import SummaryWriter  # Writes event files without TensorFlow.
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      if self._remote:
+        _register_object_store_events(workdir)
+      self._tb = SummaryWriter(paths.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({'step': int(step), 'time': time.time(), **clean}) + '\n')
-    self._jsonl.flush()
+    line = json.dumps({'step': int(step), 'time': time.time(), **clean}) + '\n'
+    if self._jsonl is not None:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+    else:
+      self._pending.append(line)
+      if time.monotonic() - self._flushed > self._flush_seconds:
+        self._flush_remote()
     if self._tb is not None:
       for k, v in clean.items():
         if math.isfinite(v):
           self._tb.add_scalar(k, v, step)
 
+  def _flush_remote(self) -> None:
+    if self._pending:
+      paths.append_text(self._path, ''.join(self._pending))
+      self._pending = []
+    self._flushed = time.monotonic()
+
   def close(self) -> None:
+    if not self.enabled:
+      return
     if self._jsonl is not None:
       self._jsonl.close()
+    else:
+      self._flush_remote()
     if self._tb is not None:
       self._tb.close()
+
+
+class _ObjectEventFile:
+  """A TensorBoard event file on an object store: buffered, the whole object rewritten on flush."""
+
+  def __init__(self, path: str):
+    self.path, self._data = path, bytearray()
+
+  def write(self, data: bytes) -> None:
+    self._data += data
+
+  def flush(self) -> None:
+    paths.write_bytes(self.path, bytes(self._data))
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _ObjectEventFiles:
+  def open(self, path: str) -> _ObjectEventFile:
+    return _ObjectEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path   # Object stores need no directories.
+
+
+def _register_object_store_events(workdir: str) -> None:
+  from tensorboardX import record_writer
+  record_writer.register_writer_factory(workdir.split(':')[0], _ObjectEventFiles())
 
 
 def flatten(metrics: dict) -> dict[str, float]:

@@ -8,9 +8,9 @@ the workdir is written) and keeps the schedule it started with unless told other
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
+from train import paths
 from train.checkpoint import CheckpointMismatchError
 
 
@@ -74,11 +74,10 @@ def schedule_steps(cfg, record: dict | None, log=print) -> int:
 def trim_metrics(workdir: str, step: int) -> None:
   """Drops metrics.jsonl rows after `step`: a resumed run redoes those steps and logs them anew,
   so the file keeps one row per step, as an uninterrupted run writes it."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = paths.join(workdir, 'metrics.jsonl')
+  if not paths.exists(path):
     return
-  with open(path, encoding='utf-8') as f:
-    lines = f.readlines()
+  lines = paths.read_text(path).splitlines(keepends=True)
   keep = []
   for line in lines:
     try:
@@ -88,11 +87,4 @@ def trim_metrics(workdir: str, step: int) -> None:
       continue   # A line cut short by a kill mid-write.
     keep.append(line)
   if keep != lines:
-    atomic_write_text(path, ''.join(keep))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
+    paths.write_text(path, ''.join(keep))

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from train import failpoints
+from train import failpoints, paths
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 WS_MARKER = '<palmax-ws-v1>'
@@ -213,18 +213,13 @@ class Tokenizer:
   def load(cls, path: str) -> 'Tokenizer':
     """Loads a SentencePiece `.model` file; ValueError naming `path` if missing or invalid."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       raise ValueError(f'tokenizer model {path!r} does not exist')
-    with open(path, 'rb') as f:
-      return cls(f.read(), where=path)
+    return cls(paths.read_bytes(path), where=path)
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)  # readers never see a half-written file
+  paths.write_bytes(path, data)  # readers never see a half-written file
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,7 +303,7 @@ def load_tokenizer(path: str):
   (e.g. Llama's)."""
   path = os.fspath(path)
   from train import hf_tokenizer
-  if os.path.isdir(path):
+  if paths.isdir(path):
     return hf_tokenizer.HFTokenizer(path)
   if path.endswith('.json'):
     raise ValueError(f'data.tokenizer.path {path!r}: pass the directory holding tokenizer.json '
@@ -316,7 +311,7 @@ def load_tokenizer(path: str):
   try:
     return Tokenizer.load(path)
   except ValueError as e:
-    if not os.path.isfile(path) or 'not a SentencePiece model' in str(e):
+    if not paths.isfile(path) or 'not a SentencePiece model' in str(e):
       raise
     return hf_tokenizer.HFTokenizer.from_model_file(path)
 
@@ -326,14 +321,14 @@ def load_workdir_tokenizer(workdir: str):
   `WORKDIR/hf_tokenizer/` when `tokenizer.json` says kind 'hf', or when that directory is there
   and no `tokenizer.model` is (a user copied one in after converting a checkpoint saved without
   tokenizer files); otherwise `WORKDIR/tokenizer.model`."""
-  meta = _read_json(os.path.join(workdir, 'tokenizer.json'))
-  hf_dir = os.path.join(workdir, meta.get('dir', HF_TOKENIZER_DIR))
+  meta = _read_json(paths.join(workdir, 'tokenizer.json'))
+  hf_dir = paths.join(workdir, meta.get('dir', HF_TOKENIZER_DIR))
   if meta.get('kind') == 'hf' or (
-      not meta and os.path.isdir(hf_dir) and not os.path.exists(os.path.join(workdir, 'tokenizer.model'))):
+      not meta and paths.isdir(hf_dir) and not paths.exists(paths.join(workdir, 'tokenizer.model'))):
     from train import hf_tokenizer
     return hf_tokenizer.HFTokenizer(hf_dir, fallback=meta.get('fallback_ids'))
-  model_path = os.path.join(workdir, 'tokenizer.model')
-  if not os.path.exists(model_path):
+  model_path = paths.join(workdir, 'tokenizer.model')
+  if not paths.exists(model_path):
     raise FileNotFoundError(f'workdir {workdir} has no tokenizer: expected {model_path} or the '
                             f"checkpoint's tokenizer files (tokenizer.json or tokenizer.model) in {hf_dir}")
   return Tokenizer.load(model_path)
@@ -404,7 +399,7 @@ def resolve_tokenizer(data_cfg: Any, train_docs: Sequence[Any],
       raise ValueError(f'data.tokenizer.path {path!r} has {tok.vocab_size} pieces, more than '
                        f'data.tokenizer.vocab_size={vocab_size}')
     kind = {} if isinstance(tok, Tokenizer) else {'kind': 'hf', 'dir': HF_TOKENIZER_DIR}
-    meta = {'key': f'copied:{tok.digest}', 'source_path': os.path.abspath(path),
+    meta = {'key': f'copied:{tok.digest}', 'source_path': paths.absolute(path),
             'vocab_size': tok.vocab_size, 'model_sha256': tok.digest, **kind}
     return tok, _saver(workdir, tok, meta)
 
@@ -417,10 +412,10 @@ def resolve_tokenizer(data_cfg: Any, train_docs: Sequence[Any],
     h.update(len(data).to_bytes(8, 'little') + data)
   key = h.hexdigest()
 
-  cached = _read_json(os.path.join(workdir, 'tokenizer.json')) if workdir else {}
+  cached = _read_json(paths.join(workdir, 'tokenizer.json')) if workdir else {}
   if cached.get('key') == key:
     try:
-      tok = Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
+      tok = Tokenizer.load(paths.join(workdir, 'tokenizer.model'))
       if tok.digest == cached.get('model_sha256'):
         return tok, None
     except ValueError:
@@ -438,28 +433,23 @@ def _saver(workdir: str | None, tok, meta: dict) -> Callable[[], None] | None:
   """A function writing `tok` and its `tokenizer.json` into `workdir`; None if it is there."""
   if not workdir:
     return None
-  meta_path = os.path.join(workdir, 'tokenizer.json')
+  meta_path = paths.join(workdir, 'tokenizer.json')
   if _read_json(meta_path) == meta:
     return None
 
   def save():
     # The key file goes first and comes back last: a kill in between leaves no key, so the next
     # run rebuilds instead of trusting a half-replaced tokenizer.
-    if os.path.exists(meta_path):
-      os.remove(meta_path)
+    paths.remove(meta_path)
     if isinstance(tok, Tokenizer):
-      tok.save(os.path.join(workdir, 'tokenizer.model'))
+      tok.save(paths.join(workdir, 'tokenizer.model'))
     else:  # A checkpoint's own tokenizer (train/hf_tokenizer.py): a directory of HF files.
-      tok.save(os.path.join(workdir, HF_TOKENIZER_DIR))
+      tok.save(paths.join(workdir, HF_TOKENIZER_DIR))
     failpoints.reach('tokenizer.write')
     _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
   return save
 
 
 def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      out = json.load(f)
-    return out if isinstance(out, dict) else {}
-  except (OSError, ValueError):
-    return {}
+  out = paths.read_json(path, {})
+  return out if isinstance(out, dict) else {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import signal
 import time
 
@@ -22,7 +21,7 @@ from model.config import ConfigError, ModelConfig
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
-from train import config_schema, failpoints, optim, peak, resume, state as state_lib
+from train import config_schema, failpoints, optim, paths, peak, resume, state as state_lib
 from train import step as step_lib
 from train.workdir_lock import WorkdirLock
 
@@ -102,8 +101,15 @@ def train(cfg, workdir: str, log=print, stop_after: int | None = None) -> RunRes
   mesh, rules = sharding.mesh_from_config(cfg.mesh)
   pipe = pipeline.PipelineConfig.from_config(cfg.get('pipeline'), mesh.shape['pipeline'])
   check_config(cfg, model_cfg, mesh, rules, pipe)
-  os.makedirs(workdir, exist_ok=True)
-  lock = WorkdirLock(workdir, log) if jax.process_index() == 0 else contextlib.nullcontext()
+  paths.makedirs(workdir)
+  if jax.process_index() != 0:
+    lock = contextlib.nullcontext()
+  elif paths.is_remote(workdir):   # Object stores have no flock (train/workdir_lock.py).
+    log(f'note: {workdir} is in an object store, where the workdir is not locked: run one trainer '
+        'per workdir')
+    lock = contextlib.nullcontext()
+  else:
+    lock = WorkdirLock(workdir, log)
   with lock:
     return _train(cfg, workdir, log, stop_after, model_cfg, mesh, rules, pipe)
 
@@ -114,7 +120,8 @@ def _train(cfg, workdir, log, stop_after, model_cfg, mesh, rules, pipe) -> RunRe
                                                           (t.batch_size, 1), mesh))
   tx, _ = optim.make_optimizer(t, t.steps)   # The state's structure; the schedule comes below.
   spec = state_lib.make_state_spec(model_cfg, tx, mesh, rules)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints,
+                               log=log)
   record, where = None, ''
   try:
     if ckpt.latest_step() is not None:
@@ -155,7 +162,7 @@ def _train(cfg, workdir, log, stop_after, model_cfg, mesh, rules, pipe) -> RunRe
   if jax.process_index() == 0:
     # Written only once the run is known to fit the workdir: a refused run never overwrites the
     # config that sampling reads.
-    resume.atomic_write_text(os.path.join(workdir, 'config.json'), cfg.to_json(indent=2))
+    paths.write_text(paths.join(workdir, 'config.json'), cfg.to_json(indent=2))
     resume.trim_metrics(workdir, int(jax.device_get(state['step'])))
   n_params, n_active = model_cfg.param_count(), model_cfg.active_param_count()
   active = f' ({n_active / 1e6:.2f}M active per token)' if n_active != n_params else ''
@@ -232,9 +239,9 @@ def _train(cfg, workdir, log, stop_after, model_cfg, mesh, rules, pipe) -> RunRe
             m['tokens_per_s'] = tps
             m['mfu'] = (step - step_last) * flops_per_step / dt / peak_flops
             if m['mfu'] > 1 and not mfu_warned:
-              log(f'MFU reads {100 * m["mfu"]:.0f}%: the matmul peak measured at start '
-                  f'({peak_flops / 1e9:.0f} GFLOP/s{peak_note}) was too low, probably measured on '
-                  'a busy machine; set config.train.peak_flops for a reliable MFU')
+              log(f'note: MFU reads {100 * m["mfu"]:.0f}%, so the matmul peak '
+                  f'({peak_flops / 1e9:.3g} GFLOP/s, {peak_note}) is too low; set '
+                  'config.train.peak_flops to this machine\'s peak for a reliable MFU')
               mfu_warned = True
             eta = (t.steps - step) * (now - t_first) / max(1, step - step_first)
             log(metrics_lib.progress_line(step, t.steps, m, eta))
@@ -269,14 +276,14 @@ def _peak(t, model_cfg: ModelConfig, log) -> tuple[float, str]:
   """The MFU denominator: config.train.peak_flops, or the best of several measured trials; a
   wide spread between trials (a busy machine) is flagged."""
   if t.peak_flops:
-    return float(t.peak_flops), ' (config.train.peak_flops)'
+    return float(t.peak_flops), 'from config.train.peak_flops'
   trials = [peak.matmul_peak_flops(model_cfg.dtype, seconds=0.3) for _ in range(3)]
   best = max(trials)
   if min(trials) < 0.8 * best:
     log(f'note: matmul peak trials vary ({", ".join(f"{x / 1e9:.0f}" for x in trials)} GFLOP/s): '
         'the machine is busy, so MFU is approximate; set config.train.peak_flops to fix it')
-    return best, ' (unreliable: trials varied)'
-  return best, ''
+    return best, 'best of 3 trials that varied: unreliable'
+  return best, 'best of 3 trials measured at start'
 
 
 def _global(x: np.ndarray, sh: NamedSharding) -> jax.Array:

@@ -167,6 +167,25 @@ def test_pytorch_bin_shards_and_tokenizer_json(tmp_path):
   assert os.path.isfile(tmp_path / 'back' / 'tokenizer.json')
 
 
+def test_tokenizer_copied_in_after_converting_without_one_samples(tmp_path):
+  # Issue 10, failure 7: the note said to copy a tokenizer into PX/hf_tokenizer, but sampling
+  # then looked for PX/tokenizer.model (the kind marker was written only with a tokenizer).
+  src = _hf_dir(tmp_path / 'hf', 'llama', dtype=torch.float32, tokenizer=False)
+  px = str(tmp_path / 'px')
+  notes = []
+  convert.run('hf', None, 'llama', src, px, log=notes.append)
+  hint = next(n for n in notes if 'copy one into' in n)
+  with pytest.raises(ValueError, match='hf_tokenizer'):
+    workdir_lib.load_model(px)
+  os.makedirs(hint.split('copy one into ')[1].split(' to sample')[0])
+  _spm_tokenizer(os.path.join(px, 'hf_tokenizer'))   # Exactly what the note asks for.
+  out = workdir_lib.sample_workdir(px, prompt='def f1(x):', max_new_tokens=4, num_samples=1,
+                                   temperature=0.0, top_k=0, top_p=1.0, seed=0)
+  assert out[0].startswith('def f1(x):')
+  tok = workdir_lib.load_model(px)[4]
+  assert (tok.bos_id, tok.eos_id) == (1, 2)
+
+
 def _run(args):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
   return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env, capture_output=True,

@@ -6,22 +6,10 @@ import sys
 
 import pytest
 
-from tests.conftest import tiny_train_config, write_code_corpus
+from tests.conftest import config_file as _config_file
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _config_file(tmp_path, **train):
-  """A config file (the launcher reads files) holding the small test config."""
-  glob = write_code_corpus(tmp_path / 'corpus')
-  cfg = tiny_train_config(glob, **train)
-  path = tmp_path / 'cfg.py'
-  path.write_text(
-      'import ml_collections, json\n'
-      f'def get_config():\n  d = json.loads({cfg.to_json()!r})\n'
-      '  d["data"]["paths"] = tuple(d["data"]["paths"])\n  return ml_collections.ConfigDict(d)\n')
-  return str(path)
 
 
 def _run(args, **kw):
@@ -47,6 +35,11 @@ def test_train_then_sample_from_the_command_line(tmp_path):
   r = _run(['launch.sample', f'--workdir={workdir}', '--prompt=' + 'x = 1\n' * 200])
   assert r.returncode == 2 and 'exceeds the context config.model.max_seq_len' in r.stderr
   assert len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr
+  # Issue 10, failure 4: meaningless sampling values were accepted or crashed deep in JAX.
+  for flag in ('--temperature=-1', '--top_p=1.5', '--max_new_tokens=-3', '--num_samples=0'):
+    r = _run(['launch.sample', f'--workdir={workdir}', flag])
+    assert r.returncode == 2 and r.stderr.startswith(f'error: {flag.split("=")[0]} '), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr
 
 
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
@@ -61,6 +54,11 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
   for line in p.stdout:  # Wait until training is under way, then preempt.
     out.append(line)
     if 'step ' in line and '/100000' in line:
+      # Issue 10, failure 3: a second trainer on a live workdir used to run too, interleaving
+      # metrics.jsonl; now it is refused, naming the holder, and the first carries on.
+      second = _run(['launch.main', f'--config={cfg}', f'--workdir={workdir}'])
+      assert second.returncode == 2 and f'is in use by pid {p.pid} on host' in second.stderr
+      assert len(second.stderr.strip().splitlines()) == 1, second.stderr
       p.send_signal(signal.SIGTERM)
       break
   rest, _ = p.communicate(timeout=120)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from model.config import ConfigError
+from model.config import ConfigError, ModelConfig
 from tests.conftest import tiny_train_config, write_code_corpus
 from train import checkpoint as ckpt_lib
 from train import trainer
@@ -125,3 +125,23 @@ def test_batch_not_divisible_by_devices_is_refused(corpus_glob, tmp_path):
   cfg = tiny_train_config(corpus_glob, batch_size=12)
   with pytest.raises(ConfigError, match=r'batch_size=12 .* not divisible by the 8 batch shards'):
     trainer.train(cfg, str(tmp_path), log=lambda *_: None)
+
+
+def test_mfu_above_100_percent_is_flagged(corpus_glob, tmp_path):
+  # Issue 10, failure 6: MFU read 108% against a peak measured on a busy machine, silently.
+  logs = []
+  result = trainer.train(tiny_train_config(corpus_glob, steps=3, peak_flops=1e3),
+                          str(tmp_path / 'w'), log=logs.append)
+  assert result.metrics['mfu'] > 1
+  flagged = [line for line in logs if 'MFU reads' in line]
+  assert len(flagged) == 1 and 'config.train.peak_flops' in flagged[0]
+
+
+def test_peak_is_the_best_trial_and_a_spread_is_flagged(monkeypatch):
+  from train import peak
+  trials = iter([3e11, 1e11, 2.9e11])
+  monkeypatch.setattr(peak, 'matmul_peak_flops', lambda *a, **k: next(trials))
+  logs = []
+  cfg = tiny_train_config('unused', peak_flops=0.0)
+  best, note = trainer._peak(cfg.train, ModelConfig(), logs.append)
+  assert best == 3e11 and 'unreliable' in note and 'trials vary (300, 100, 290' in logs[0]

@@ -10,6 +10,7 @@ the `test` extra, not a core dependency).
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -20,6 +21,7 @@ matplotlib.use('Agg')
 import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
+from train import paths  # noqa: E402
 from train.scaling import report  # noqa: E402
 
 _COLORS = plt.get_cmap('viridis')
@@ -133,19 +135,22 @@ def plot_all(rows, curves, fits, out_dir: str) -> dict[str, str]:
   """Every plot the available fits allow; returns {name: path}."""
   out: dict[str, Any] = {}
   if any(r['status'] == 'done' for r in rows):
-    out['IsoFLOP curves'] = plot_isoflops(rows, fits, os.path.join(out_dir, 'isoflops.png'))
+    out['IsoFLOP curves'] = plot_isoflops(rows, fits, paths.join(out_dir, 'isoflops.png'))
   if curves:
-    out['loss vs compute'] = plot_envelope(curves, fits, os.path.join(out_dir, 'envelope.png'))
+    out['loss vs compute'] = plot_envelope(curves, fits, paths.join(out_dir, 'envelope.png'))
   if any(k in fits for k in ('approach1', 'approach2', 'approach3')):
-    out['N_opt and D_opt vs C'] = plot_optimal(fits, os.path.join(out_dir, 'optimal_scaling.png'))
+    out['N_opt and D_opt vs C'] = plot_optimal(fits, paths.join(out_dir, 'optimal_scaling.png'))
   if 'parametric' in fits:
     out['parametric fit'] = plot_parametric(rows, fits,
-                                            os.path.join(out_dir, 'parametric_contours.png'))
+                                            paths.join(out_dir, 'parametric_contours.png'))
   return out
 
 
 def _save(fig, path: str) -> str:
+  """Renders `fig` in memory and writes it whole through train/paths.py (so `path` may be remote)."""
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  buf = io.BytesIO()
+  fig.savefig(buf, dpi=110, format=os.path.splitext(path)[1].lstrip('.') or 'png')
   plt.close(fig)
+  paths.write_bytes(path, buf.getvalue())
   return path

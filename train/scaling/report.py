@@ -8,6 +8,7 @@ refit a = 0.513) and Kaplan et al. 2020 (a = 0.73, b = 0.27).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from train import paths
 from train.scaling import fit as fit_lib
 
 CHINCHILLA = {'a': 0.50, 'b': 0.50}     # Hoffmann et al. 2022 Table 2 (approaches 1 and 2).
@@ -26,13 +28,13 @@ RESULT_COLUMNS = ('name', 'status', 'budget', 'd_model', 'num_layers', 'num_head
 
 
 def write_results(rows: list[dict], out_dir: str) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'results.json'), 'w', encoding='utf-8') as f:
-    json.dump(rows, f, indent=1)
-  with open(os.path.join(out_dir, 'results.csv'), 'w', newline='', encoding='utf-8') as f:
-    writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction='ignore')
-    writer.writeheader()
-    writer.writerows(rows)
+  paths.makedirs(out_dir)
+  paths.write_json(paths.join(out_dir, 'results.json'), rows)
+  buf = io.StringIO(newline='')  # As open(newline=''): the csv module's \r\n line ends kept.
+  writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction='ignore')
+  writer.writeheader()
+  writer.writerows(rows)
+  paths.write_text(paths.join(out_dir, 'results.csv'), buf.getvalue())
 
 
 def run_fits(rows: list[dict], curves: list[dict], loss_key: str = 'eval_loss',
@@ -101,8 +103,7 @@ def analyze(rows: list[dict], curves: list[dict], out_dir: str, cfg=None,
   summary = {k: v.summary() for k, v in fits.items() if isinstance(v, fit_lib.ExponentFit)}
   summary.update(loss_key=fits['loss_key'], points=fits['points'], skipped=fits['skipped'],
                  frontier=frontier_rows(fits, frontier_budgets))
-  with open(os.path.join(out_dir, 'fits.json'), 'w', encoding='utf-8') as f:
-    json.dump(summary, f, indent=1, default=float)
+  paths.write_text(paths.join(out_dir, 'fits.json'), json.dumps(summary, indent=1, default=float))
   plot_paths, plot_error = {}, None
   try:
     from train.scaling import plots
@@ -111,8 +112,7 @@ def analyze(rows: list[dict], curves: list[dict], out_dir: str, cfg=None,
     plot_error = f'plots skipped: {e} (pip install matplotlib)'
     log(plot_error)
   text = render_report(rows, fits, summary['frontier'], plot_paths, plot_error)
-  with open(os.path.join(out_dir, 'report.md'), 'w', encoding='utf-8') as f:
-    f.write(text)
+  paths.write_text(paths.join(out_dir, 'report.md'), text)
   for name in ('approach1', 'approach2', 'approach3'):
     if name in fits:
       e = fits[name]
