@@ -26,6 +26,7 @@ setup(
         'tpu': ['jax[tpu]'],
         'cuda': ['jax[cuda12]'],
         'hf': ['torch>=2.4', 'transformers>=4.45', 'safetensors'],
-        'tensorboard': ['tensorboard'],   # The viewer; training writes event files without it.
+        'tensorboard': ['tensorboard'],
+        'gcs': ['gcsfs'],   # gs:// workdirs through etils.epath's fsspec backend (train/paths.py).   # The viewer; training writes event files without it.
     },
 )

@@ -262,7 +262,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   def unknown_key() -> str | None:
     """'config.model.num_layer is not a key; did you mean num_layers?' for the first override
     whose path its config lacks (ml_collections names only the last part, or nothing)."""
-    from model.config import closest_key
+    from model.config_rules import closest_key
     for arg in argv[1:]:
       m = re.match(r'--?([A-Za-z_]\w*)\.([^=\s]+)', arg)
       if not m:

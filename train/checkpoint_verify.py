@@ -257,19 +257,6 @@ def quiet_reads():
     _reads_in_flight -= 1
 
 
-def describe(err: BaseException) -> str:
-  """One line for an orbax/tensorstore exception: the innermost cause (orbax wraps tensorstore's
-  message in one carrying a multi-page spec), cut at 300 characters."""
-  for _ in range(10):
-    if err.__cause__ is None:
-      break
-    err = err.__cause__
-  text = str(err).strip()
-  text = text.split(' See full TensorStore details')[0].splitlines()[0] if text else ''
-  text = f'{type(err).__name__}: {text}'
-  return text if len(text) <= 300 else text[:300] + '...'
-
-
 def read_error(root: str, step: int, err: BaseException) -> BaseException:
   """What an orbax/tensorstore exception raised while reading step `step` becomes: out-of-memory
   errors, and programming errors on a step that verifies, stay as they are; anything else a

@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 from model import pipeline, sharding
-from model.config import (BOOL, ConfigError, ModelConfig, Rule, choice, closest_key, nonneg_int,
-                          number, positive_int)
+from model.config import ModelConfig
+from model.config_rules import (BOOL, ConfigError, Rule, choice, closest_key, nonneg_int, number,
+                                positive_int)
 from train import corpus, tokenizer
 
 SEED = nonneg_int()

@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from configs.base import get_base
-from model.config import (MODEL_RULES, MOE_RULES, ConfigError, ModelConfig, MoEConfig,
-                          closest_key)
+from model.config import MODEL_RULES, MOE_RULES, ConfigError, ModelConfig, MoEConfig
+from model.config_rules import closest_key
 from train import config_schema as cs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 
-import jax
-import numpy as np
 import pytest
 
 from model.config import ConfigError
