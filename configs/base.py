@@ -31,7 +31,10 @@ def get_base() -> ml_collections.ConfigDict:
       paths=(),               # files or globs for text/jsonl: --config.data.paths='("a/*.txt",)'
       text_key='text',
       tfds_name='', tfds_split='train', tfds_data_dir='',
-      val_fraction=0.01, max_docs=0, seq_len=256, seed=0))
+      val_fraction=0.01, max_docs=0, seq_len=256, seed=0,
+      # False: each packed document attends only to itself, positions restarting at 0 (SFT
+      # examples); True: windows of the concatenated stream, as in pretraining.
+      attend_across_documents=True))
   cfg.data.tokenizer = ml_collections.ConfigDict(dict(
       model_type='bpe', path='', train_bytes=8_000_000))
   # One source of truth: the tokenizer is trained to the model's vocabulary size.
@@ -54,7 +57,10 @@ def get_base() -> ml_collections.ConfigDict:
       verify_checkpoints=True, on_corrupt='previous',
       # Steps of the learning-rate schedule; 0 = train.steps when the run starts (a resumed run
       # keeps the schedule it started with).
-      schedule_steps=0))
+      schedule_steps=0,
+      # What is optimised (train/objectives/: 'lm' = next-token prediction) and which
+      # parameters train (a regular expression over paths like 'stack0/block0/attn/w_q'; '' = all).
+      objective='lm', trainable=''))
 
   # In-slice (ICI) size per mesh axis, one may be -1 (fill); cross-slice (DCN) sizes in mesh.dcn
   # (each mesh axis is ICI x DCN). A preset (sharding.PRESETS: data, fsdp, fsdp_tensor,

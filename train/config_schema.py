@@ -17,7 +17,7 @@ from model import pipeline, sharding
 from model.config import ModelConfig
 from model.config_rules import (BOOL, ConfigError, Rule, choice, closest_key, nonneg_int, number,
                                 positive_int)
-from train import corpus, tokenizer
+from train import corpus, objectives, tokenizer
 
 SEED = nonneg_int()
 
@@ -32,6 +32,7 @@ DATA_RULES = {
     'max_docs': nonneg_int('0 = all'),
     'seq_len': positive_int(),
     'seed': SEED,
+    'attend_across_documents': BOOL,
     'tokenizer': Rule('section'),
 }
 TOKENIZER_RULES = {
@@ -69,6 +70,9 @@ TRAIN_RULES = {
     'on_corrupt': choice(('previous', 'stop')),
     'verify_checkpoints': BOOL,
     'schedule_steps': nonneg_int('0 = config.train.steps when the run starts'),
+    # Checked against the registry in _cross_checks: objectives registered later count too.
+    'objective': Rule('str', lo=1, note="a registered objective, e.g. 'lm'"),
+    'trainable': Rule('str', note="a regular expression over parameter paths, '' = all"),
 }
 MESH_RULES = {
     **{a: Rule('int', lo=1, also=(-1,), note='-1 = the devices left') for a in sharding.MESH_AXES},
@@ -193,6 +197,7 @@ def _check_mesh_rules(rules: Any) -> None:
 def _cross_checks(cfg: Any, model_cfg: ModelConfig) -> None:
   """Consistency between fields that needs no device mesh."""
   t, data, mesh, sample = (cfg[k] for k in ('train', 'data', 'mesh', 'sample'))
+  objectives.get(t['objective'])   # One line naming the registered ones if unknown.
   if t['batch_size'] % t['grad_accum']:   # Wording as train/trainer.py:check_config.
     raise ConfigError(f'config.train.batch_size={t["batch_size"]} is not divisible by '
                       f'config.train.grad_accum={t["grad_accum"]}')

@@ -180,6 +180,39 @@ def validation_batches(val_tokens: np.ndarray, seq_len: int, batch_size: int,
            weights_RT[b * batch_size:(b + 1) * batch_size]) for b in range(num_batches)]
 
 
+def document_ids(inputs_BT: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """(segment_ids [B, T], positions [B, T]) of packed input tokens: a document starts at the row's
+  first token and after each EOS (the EOS ends its document); segment ids count documents from 1
+  within the row, positions restart at 0 in each document."""
+  b, t = inputs_BT.shape
+  starts_BT = np.zeros((b, t), bool)
+  starts_BT[:, 0] = True
+  starts_BT[:, 1:] = inputs_BT[:, :-1] == eos_id
+  segment_ids_BT = np.cumsum(starts_BT, axis=1).astype(np.int32)
+  index_BT = np.broadcast_to(np.arange(t), (b, t))
+  start_BT = np.maximum.accumulate(np.where(starts_BT, index_BT, 0), axis=1)
+  return segment_ids_BT, (index_BT - start_BT).astype(np.int32)
+
+
+def batch_fields(tokens_BW: np.ndarray, fields, eos_id: int,
+                 loss_mask_BT: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """The batch dict an objective asks for (train/objectives/base.py) from windows of the packed
+  stream: tokens, and on request segment ids and positions (`document_ids`) and a loss mask
+  (the given one, e.g. validation padding, else all ones)."""
+  unknown = set(fields) - {'tokens', 'loss_mask', 'segment_ids', 'positions'}
+  if unknown:
+    raise ValueError(f'the objective asks for batch fields {sorted(unknown)} that packed text '
+                     'data does not have')
+  out = {'tokens': tokens_BW}
+  if 'segment_ids' in fields or 'positions' in fields:
+    out['segment_ids'], out['positions'] = document_ids(tokens_BW[:, :-1], eos_id)
+  if loss_mask_BT is not None:
+    out['loss_mask'] = loss_mask_BT
+  elif 'loss_mask' in fields:
+    out['loss_mask'] = np.ones((tokens_BW.shape[0], tokens_BW.shape[1] - 1), np.float32)
+  return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Tokenized-corpus cache and the bundle.
 

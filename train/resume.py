@@ -45,6 +45,8 @@ def check_same_data(cfg, record: dict, where: str) -> None:
   have = _flatten(_json_value(then), 'config.data')
   want = _flatten(_json_value(cfg.data.to_dict()), 'config.data')
   for key in sorted(set(have) | set(want)):
+    if key not in have:
+      continue   # A field added to palmax after this checkpoint was written.
     if have.get(key) != want.get(key):
       raise CheckpointMismatchError(
           f'{where} was trained with {key}={have.get(key)!r}, but this run has '

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from model import sharding, transformer
 from model.config import ModelConfig
+from train import trainable
 
 
 @dataclasses.dataclass
@@ -26,6 +27,7 @@ class StateSpec:
   param_shardings: Any        # pure dict of NamedSharding
   state_shardings: Any        # {'params', 'opt_state', 'step', 'rng'}
   abstract_state: Any         # ShapeDtypeStructs with shardings (restore target)
+  trainable_mask: Any = None  # bools over the params (train/trainable.py); None = all train
 
 
 def param_shardings(model_cfg: ModelConfig, mesh: Mesh, rules) -> tuple[Any, Any, Any]:
@@ -45,12 +47,14 @@ def param_shardings(model_cfg: ModelConfig, mesh: Mesh, rules) -> tuple[Any, Any
 
 
 def make_state_spec(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules) -> StateSpec:
+                    rules, trainable_pattern: str = '') -> StateSpec:
   graphdef, abs_params, p_sh = param_shardings(model_cfg, mesh, rules)
+  mask = trainable.make_mask(abs_params, trainable_pattern)
   replicated = NamedSharding(mesh, P())
-  abs_opt = jax.eval_shape(tx.init, abs_params)
+  # The optimizer sees only the trainable parameters: frozen ones get no Adam moments.
+  abs_opt = jax.eval_shape(tx.init, trainable.split(abs_params, mask)[0])
   # Optimizer slots (Adam mu/nu) mirror the params and take their shardings.
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, p_sh,
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, trainable.split(p_sh, mask)[0],
                                  transform_non_params=lambda _: replicated,
                                  is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
   state_sh = {'params': p_sh, 'opt_state': opt_sh, 'step': replicated, 'rng': replicated}
@@ -59,7 +63,7 @@ def make_state_spec(model_cfg: ModelConfig, tx: optax.GradientTransformation, me
                'rng': jax.ShapeDtypeStruct((2,), jnp.uint32)}
   abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            abs_state, state_sh)
-  return StateSpec(graphdef, abs_params, p_sh, state_sh, abs_state)
+  return StateSpec(graphdef, abs_params, p_sh, state_sh, abs_state, mask)
 
 
 def init_state(spec: StateSpec, model_cfg: ModelConfig, tx: optax.GradientTransformation,
@@ -68,7 +72,7 @@ def init_state(spec: StateSpec, model_cfg: ModelConfig, tx: optax.GradientTransf
 
   def init():
     params = nnx.state(transformer.Decoder(model_cfg, nnx.Rngs(params=seed))).to_pure_dict()
-    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32),
+    return {'params': params, 'opt_state': tx.init(trainable.split(params, spec.trainable_mask)[0]), 'step': jnp.zeros((), jnp.int32),
             'rng': jax.random.key_data(jax.random.key(seed + 1))}
 
   return jax.jit(init, out_shardings=spec.state_shardings)()

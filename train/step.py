@@ -14,20 +14,38 @@ from flax import nnx
 
 from model import moe as moe_lib
 from model.transformer import moe_layer_stats
-from train.loss import cross_entropy
+from train import trainable
+from train.objectives.lm import NextToken
+
+
+def make_objective_loss(graphdef, objective) -> Callable:
+  """loss_fn(params, batch) -> (total, aux) for an objective (train/objectives/). The total adds
+  the MoE layers' balance and router z-losses (already scaled by their coefficients) of every
+  forward the objective runs; aux holds the objective's metrics and, under 'moe', the first
+  forward's per-layer MoE stats in the layer structure (for the router-bias update)."""
+  def loss_fn(params, batch):
+    model = nnx.merge(graphdef, params)
+    moe_auxes = []
+
+    def forward(tokens_BT, **kw):
+      logits_BTV, _, moe_aux = model.forward(tokens_BT, **kw)
+      moe_auxes.append(moe_aux)
+      return logits_BTV
+
+    total, aux = objective.loss(forward, batch)
+    for moe_aux in moe_auxes:
+      for stats in _moe_leaves(moe_aux):
+        total = total + jnp.sum(stats['aux_loss']) + jnp.sum(stats['router_z_loss'])
+    return total, dict(aux, moe=moe_auxes[0] if moe_auxes else {})
+  return loss_fn
 
 
 def make_loss_fn(graphdef, z_loss: float) -> Callable:
-  """loss_fn(params, tokens_BT1, weights_BT) -> (total, aux). The total adds the MoE layers'
-  balance and router z-losses (already scaled by their coefficients) to the cross-entropy;
-  aux['moe'] keeps each MoE layer's stats in the layer structure (for the router-bias update)."""
-  def loss_fn(params, tokens_BT1, weights_BT=None):
-    logits_BTV, _, moe_aux = nnx.merge(graphdef, params).forward(tokens_BT1[:, :-1])
-    total, aux = cross_entropy(logits_BTV, tokens_BT1[:, 1:], weights_BT, z_loss)
-    for stats in _moe_leaves(moe_aux):
-      total = total + jnp.sum(stats['aux_loss']) + jnp.sum(stats['router_z_loss'])
-    return total, dict(aux, moe=moe_aux)
-  return loss_fn
+  """loss_fn(params, tokens_BT1, weights_BT) -> (total, aux): next-token pretraining's loss."""
+  loss_fn = make_objective_loss(graphdef, NextToken(z_loss=z_loss))
+  return lambda params, tokens_BT1, weights_BT=None: loss_fn(
+      params, {'tokens': tokens_BT1} if weights_BT is None else
+      {'tokens': tokens_BT1, 'loss_mask': weights_BT})
 
 
 def _moe_leaves(moe_aux: dict) -> list[dict]:
@@ -59,39 +77,51 @@ def moe_metrics(moe_aux: dict, cfg) -> dict[str, jax.Array]:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    grad_accum: int = 1, z_loss: float = 0.0) -> Callable:
-  """step(state, tokens_BT1) -> (state, metrics).
+                    grad_accum: int = 1, z_loss: float = 0.0, objective=None,
+                    trainable_mask=None) -> Callable:
+  """step(state, batch) -> (state, metrics). `batch` is a dict of the objective's fields (or
+  bare tokens [B, T+1] for next-token pretraining); `objective` defaults to next-token
+  prediction with `z_loss`.
 
-  Gradients are averaged over `grad_accum` microbatches with a scan (one compiled step). If the
-  loss or gradient norm is not finite, parameters and optimizer state are left unchanged and
-  metrics['finite'] is 0; the trainer then stops or skips, as configured.
+  Gradients are averaged over `grad_accum` microbatches with a scan (one compiled step). With
+  `trainable_mask` (train/trainable.py) only the selected parameters get gradients and
+  optimizer updates; the rest stay bit-identical. If the loss or gradient norm is not finite,
+  parameters and optimizer state are left unchanged and metrics['finite'] is 0; the trainer
+  then stops or skips, as configured.
   """
-  loss_fn = make_loss_fn(graphdef, z_loss)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  loss_fn = make_objective_loss(graphdef, objective or NextToken(z_loss=z_loss))
 
-  def step(state, tokens_BT1):
+  def loss_of_trainable(train_params, frozen_params, micro):
+    return loss_fn(trainable.merge(train_params, frozen_params), micro)
+
+  grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
+
+  def step(state, batch):
+    if not isinstance(batch, dict):
+      batch = {'tokens': batch}
     params = state['params']
+    train_params, frozen_params = trainable.split(params, trainable_mask)
     model_cfg = nnx.merge(graphdef, params).cfg
     bias_update_rate = model_cfg.moe.bias_update_rate if model_cfg.moe else 0.0
-    b = tokens_BT1.shape[0]
-    micro_ABT1 = tokens_BT1.reshape(grad_accum, b // grad_accum, *tokens_BT1.shape[1:])
-    # The MoE stats' structure, to accumulate them over microbatches like the gradients.
-    aux_shape = jax.eval_shape(loss_fn, params, micro_ABT1[0])[1]
+    b = batch['tokens'].shape[0]
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, b // grad_accum, *x.shape[1:]), batch)
+    # The aux structure (objective metrics, MoE stats), to accumulate over microbatches.
+    aux_shape = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], micro))[1]
 
-    def accumulate(carry, micro_BT1):
-      (_, aux), g = grad_fn(params, micro_BT1)
+    def accumulate(carry, one):
+      (_, aux), g = grad_fn(train_params, frozen_params, one)
       return jax.tree.map(jnp.add, carry, (g, aux)), None
 
-    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (params, aux_shape))
-    (g_sum, aux_sum), _ = jax.lax.scan(accumulate, zeros, micro_ABT1)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (train_params, aux_shape))
+    (g_sum, aux_sum), _ = jax.lax.scan(accumulate, zeros, micro)
     grads, aux = jax.tree.map(lambda x: x / grad_accum, (g_sum, aux_sum))
     loss = aux['loss']
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    updates, new_opt_state = tx.update(grads, state['opt_state'], params)
-    new_params = update_router_biases(optax.apply_updates(params, updates), aux['moe'],
-                                      bias_update_rate)
+    updates, new_opt_state = tx.update(grads, state['opt_state'], train_params)
+    new_params = trainable.merge(optax.apply_updates(train_params, updates), frozen_params)
+    new_params = update_router_biases(new_params, aux['moe'], bias_update_rate)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = {
         'params': keep(new_params, params),
@@ -99,7 +129,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         'step': state['step'] + 1,
         'rng': state['rng'],
     }
-    metrics = {'loss': loss, 'z_loss': aux['z_loss'], 'grad_norm': grad_norm,
+    objective_metrics = {k: v for k, v in aux.items() if k not in ('moe', 'weight')}
+    metrics = {**objective_metrics, 'grad_norm': grad_norm,
                'lr': schedule(state['step']), 'finite': finite.astype(jnp.float32),
                'param_norm': optax.global_norm(params), **moe_metrics(aux['moe'], model_cfg)}
     return new_state, metrics
@@ -107,12 +138,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
   return step
 
 
-def make_eval_step(graphdef) -> Callable:
-  """eval(params, tokens_BT1, weights_BT) -> (sum of token losses, sum of weights)."""
-  loss_fn = make_loss_fn(graphdef, 0.0)
+def make_eval_step(graphdef, objective=None) -> Callable:
+  """eval(params, batch) -> the objective's eval sums ({'loss_sum', 'weight', ...}); a batch of
+  bare tokens [B, T+1] with `weights_BT` is next-token prediction's (the old signature)."""
+  objective = objective or NextToken()
 
-  def eval_step(params, tokens_BT1, weights_BT):
-    _, aux = loss_fn(params, tokens_BT1, weights_BT)
-    return aux['loss'] * aux['weight'], aux['weight']
+  def eval_step(params, batch, weights_BT=None):
+    if not isinstance(batch, dict):
+      batch = {'tokens': batch, 'loss_mask': weights_BT}
+    model = nnx.merge(graphdef, params)
+    return objective.eval_sums(lambda tokens_BT, **kw: model.forward(tokens_BT, **kw)[0], batch)
 
   return eval_step

@@ -1,0 +1,10 @@
+"""Training objectives, chosen by `config.train.objective` through one registry.
+
+An objective says which batch fields it needs and computes `loss, metrics` from a `forward`
+function and a batch; the trainer never names one. Adding an objective (SFT, DPO, distillation,
+a reward model) is one new module here that calls `register`, plus its import below.
+"""
+from train.objectives.base import OBJECTIVES, Objective, get, register
+from train.objectives import lm  # noqa: E402  (registers 'lm')
+
+__all__ = ['OBJECTIVES', 'Objective', 'get', 'register', 'lm']

@@ -1,0 +1,147 @@
+"""Building a training run: mesh, objective, state (fresh, resumed or initialised from another
+workdir), data and the jitted steps, with the workdir treated as a transaction.
+
+`build(cfg, workdir, log)` returns a `Run` that `train/trainer.py`'s loop drives. Everything that
+can refuse the run (config values, mesh fit, a checkpoint that is corrupt or made by another
+model or data) runs before the workdir is written; `Run.commit()` then writes config.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from model import pipeline, sharding
+from model.config import ConfigError, ModelConfig
+from train import checkpoint as ckpt_lib
+from train import data as data_lib
+from train import objectives, optim, paths, resume, state as state_lib
+from train import step as step_lib
+
+
+def check_config(cfg, model_cfg: ModelConfig, mesh, rules=None, pipe=None) -> None:
+  """The checks that need the mesh, each naming the field (the rest is train/config_schema.py)."""
+  t = cfg.train
+  n_batch_shards = sharding.batch_shards(mesh, rules or sharding.check_rules(cfg.mesh.rules))
+  if model_cfg.moe is not None and model_cfg.moe.num_experts % mesh.shape['expert']:
+    raise ConfigError(f'config.model.moe.num_experts={model_cfg.moe.num_experts} is not divisible '
+                      f'by the mesh expert axis size {mesh.shape["expert"]}')
+  if pipe is not None:
+    pipe.check_fits(model_cfg.layer_groups(), t.batch_size // max(t.grad_accum, 1), n_batch_shards)
+  if (t.batch_size // t.grad_accum) % n_batch_shards:
+    raise ConfigError(
+        f'config.train.batch_size={t.batch_size} (per microbatch {t.batch_size // t.grad_accum}) '
+        f'is not divisible by the {n_batch_shards} batch shards of the mesh {dict(mesh.shape)}')
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything the loop needs; `state` is the train state at `step`."""
+  cfg: Any
+  workdir: str
+  model_cfg: ModelConfig
+  mesh: Any
+  rules: Any
+  pipe: pipeline.PipelineConfig
+  objective: objectives.Objective
+  spec: state_lib.StateSpec
+  ckpt: ckpt_lib.Checkpointer
+  data: data_lib.DataBundle
+  state: dict
+  schedule_steps: int
+  train_step: Callable       # (state, batch) -> (state, metrics), jitted
+  eval_step: Callable        # (params, batch) -> eval sums, jitted
+  batch_sharding: NamedSharding
+  resumed: bool
+
+  @property
+  def step(self) -> int:
+    return int(jax.device_get(self.state['step']))
+
+  def batch(self, tokens_BW: np.ndarray, loss_mask_BT: np.ndarray | None = None,
+            global_rows: int | None = None) -> dict:
+    """The objective's fields for these windows, as global arrays sharded over the batch axes.
+    `global_rows` given: `tokens_BW` holds this process's rows of that many; else all rows."""
+    fields = data_lib.batch_fields(tokens_BW, self.objective.batch_fields(),
+                                   self.data.tokenizer.eos_id, loss_mask_BT)
+    if global_rows is None:
+      return {k: jax.make_array_from_callback(v.shape, self.batch_sharding, lambda i, v=v: v[i])
+              for k, v in fields.items()}
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v,
+                                                      (global_rows,) + v.shape[1:])
+            for k, v in fields.items()}
+
+  def record(self) -> dict:
+    """The JSON record saved with each checkpoint (what a resume must agree with)."""
+    return {'data': self.data.train.state(), 'model': self.model_cfg.to_dict(),
+            'data_config': self.cfg.data.to_dict(), 'schedule_steps': self.schedule_steps,
+            'corpus_fingerprint': self.data.info['fingerprint'], 'corpus': self.data.info,
+            'config': self.cfg.to_json_best_effort()}
+
+  def commit(self) -> None:
+    """The run fits the workdir: write its config (what sampling reads) and drop metrics rows of
+    steps that will be redone."""
+    if jax.process_index() == 0:
+      paths.write_text(paths.join(self.workdir, 'config.json'), self.cfg.to_json(indent=2))
+      resume.trim_metrics(self.workdir, self.step)
+
+
+def build(cfg, workdir: str, log=print) -> Run:
+  """A Run for `cfg` in `workdir` (validated and locked by the caller)."""
+  model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
+  mesh, rules = sharding.mesh_from_config(cfg.mesh)
+  pipe = pipeline.PipelineConfig.from_config(cfg.get('pipeline'), mesh.shape['pipeline'])
+  check_config(cfg, model_cfg, mesh, rules, pipe)
+  t = cfg.train
+  objective = objectives.get(t.objective)(cfg)
+  batch_sh = NamedSharding(mesh, sharding.logical_to_spec(('batch', None), rules,
+                                                          (t.batch_size, 1), mesh))
+  tx, _ = optim.make_optimizer(t, t.steps)   # The state's structure; the schedule comes below.
+  spec = state_lib.make_state_spec(model_cfg, tx, mesh, rules, t.get('trainable', ''))
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints,
+                               log=log)
+  record, where = None, ''
+  try:
+    if ckpt.latest_step() is not None:
+      state, record = ckpt.restore(spec.abstract_state, expect={'model': model_cfg.to_dict()},
+                                   on_corrupt=t.on_corrupt, verify=t.verify_checkpoints, log=log)
+      where = f'checkpoint step {int(state["step"])} in {ckpt.directory}'
+      resume.check_same_data(cfg, record, where)
+    # Each process reads only the rows its devices hold (processes holding the same rows, e.g.
+    # different pipeline stages, read the same block). Nothing is written unless it all fits.
+    data = data_lib.build_data(cfg, workdir, *sharding.process_rows(batch_sh, t.batch_size),
+                               resume=record, resume_from=where)
+    if data.tokenizer.vocab_size > model_cfg.vocab_size:
+      raise ConfigError(f'the tokenizer has {data.tokenizer.vocab_size} tokens but '
+                        f'config.model.vocab_size={model_cfg.vocab_size}')
+  except BaseException:
+    ckpt.close()
+    raise
+  total = resume.schedule_steps(cfg, record, log)
+  tx, schedule = optim.make_optimizer(t, total)
+  if record is not None:
+    data.train.restore(record['data'])
+  else:
+    state = state_lib.init_state(spec, model_cfg, tx, t.seed)
+    if t.get('init_from'):  # Continued pretraining / fine-tuning: its weights, a fresh optimizer.
+      from train import checkpoint_stream
+      state['params'], src_step = checkpoint_stream.init_params(
+          t.init_from, model_cfg, spec.abstract_state['params'])
+      log(f'Initialised parameters from {t.init_from} (its step {src_step}); optimizer and step '
+          'start fresh')
+
+  replicated = NamedSharding(mesh, P())
+  fields_sh = {k: batch_sh for k in objective.batch_fields()}
+  train_step = jax.jit(
+      step_lib.make_train_step(spec.graphdef, tx, schedule, grad_accum=t.grad_accum,
+                               objective=objective, trainable_mask=spec.trainable_mask),
+      in_shardings=(spec.state_shardings, fields_sh),
+      out_shardings=(spec.state_shardings, replicated), donate_argnums=0)
+  eval_step = jax.jit(step_lib.make_eval_step(spec.graphdef, objective),
+                      in_shardings=(spec.param_shardings, dict(fields_sh, loss_mask=batch_sh)),
+                      out_shardings=replicated)
+  return Run(cfg, workdir, model_cfg, mesh, rules, pipe, objective, spec, ckpt, data, state, total,
+             train_step, eval_step, batch_sh, record is not None)
