@@ -134,3 +134,14 @@ def fake_bucket(tmp_path, monkeypatch):
   monkeypatch.setattr(ocp, 'CheckpointManager', lambda directory, *a, **k: real(local(directory), *a, **k))
   yield local
   backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(tmp_path_factory):
+  """A tiny model trained 3 steps on a generated corpus (checkpoint at 3), shared by the tests
+  that only read it; a test that changes a workdir copies it first."""
+  from train import trainer
+  glob = write_code_corpus(tmp_path_factory.mktemp('trained_corpus'))
+  workdir = str(tmp_path_factory.mktemp('trained') / 'w')
+  trainer.train(tiny_train_config(glob, steps=3), workdir, log=lambda *_: None)
+  return workdir, glob

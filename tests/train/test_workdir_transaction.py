@@ -19,16 +19,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
-def corpus_glob(tmp_path_factory):
-  return write_code_corpus(tmp_path_factory.mktemp('corpus'))
+def corpus_glob(trained_workdir):
+  return trained_workdir[1]
 
 
 @pytest.fixture(scope='module')
-def trained(corpus_glob, tmp_path_factory):
-  """A workdir trained 3 steps (checkpoints at 3); tests copy it before changing anything."""
-  workdir = str(tmp_path_factory.mktemp('trained') / 'w')
-  trainer.train(tiny_train_config(corpus_glob, steps=3), workdir, log=lambda *_: None)
-  return workdir
+def trained(trained_workdir):
+  """A workdir trained 3 steps (checkpoint at 3); tests copy it before changing anything."""
+  return trained_workdir[0]
 
 
 def _copy(trained, tmp_path):
