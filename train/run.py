@@ -120,7 +120,9 @@ def build(cfg, workdir: str, log=print) -> Run:
   except BaseException:
     ckpt.close()
     raise
-  total = resume.schedule_steps(cfg, record, log)
+  # A run with nothing left to train has no schedule to talk about.
+  quiet = record is not None and int(jax.device_get(state['step'])) >= t.steps
+  total = resume.schedule_steps(cfg, record, (lambda *_: None) if quiet else log)
   tx, schedule = optim.make_optimizer(t, total)
   if record is not None:
     data.train.restore(record['data'])
