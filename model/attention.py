@@ -1,5 +1,8 @@
 """Causal self-attention with multi-head, grouped-query and multi-query variants and a KV cache.
 
+The layer projects and rotates q/k/v, describes what each query may see once
+(`attention_ops.AttentionMask`: causal, sliding window, segment ids, per-row cache lengths) and
+hands both to the backend `config.model.attention_impl` picks (model/attention_ops/).
 Shapes: B batch, T query length, S key length (T in training, the cache size in decoding),
 D d_model, N query heads, K kv heads (N % K == 0, G = N // K queries per kv head), H head_dim.
 """
@@ -9,22 +12,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import sharding
+from model import attention_ops, sharding
+from model.attention_ops.mask import AttentionMask
 from model.config import ModelConfig
+from model.inference.kv_cache import CACHE_NAMES, LayerCache
 from model.layers import RMSNorm, fan_in_init, matmul, param, rope, rope_inv_freq
 
-# Large negative instead of -inf so fully-masked rows (never produced here) stay finite.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-KVCache = dict  # {'k': [B, S, K, H], 'v': [B, S, K, H]} for one layer.
+KVCache = LayerCache  # One layer's {'k', 'v'}: [B, S, K, H] each.
 
 
 class Attention(nnx.Module):
-  """x_BTD -> y_BTD. With `cache`, writes this step's K/V at `index` and attends to the cache.
+  """x_BTD -> (y_BTD, cache). With `cache` (a LayerCache from `init_cache`), row b writes this
+  step's K/V at slots index[b]..index[b]+T-1 (`index` a scalar or [B]) and attends to its slots
+  below index[b]+T; `positions_BT` must then be the slot numbers (absolute positions).
 
   `window` > 0 makes the layer local (sliding window; Mistral, Gemma 2/3), `rope_base`
   overrides cfg.rope_base and `rope_scaled` says whether cfg.rope_scaling applies (global
-  layers); all may be traced per-layer scalars from the scanned stack.
+  layers); all may be traced per-layer scalars from the scanned stack. `segment_ids_BT`
+  (training forward only) keeps packed documents apart.
   """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -39,10 +44,16 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(cfg, rngs, dim=h, name='head_dim')
       self.k_norm = RMSNorm(cfg, rngs, dim=h, name='head_dim')
 
+  def init_cache(self, batch: int, size: int) -> LayerCache:
+    """This layer's empty cache: k, v [batch, size, K, H] in the compute dtype (the place for a
+    quantized int8 cache)."""
+    cfg = self.cfg
+    return LayerCache.zeros(batch, size, cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
+
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
-               cache: KVCache | None = None, index: jax.Array | int = 0,
+               cache: LayerCache | None = None, index: jax.Array | int = 0,
                window: jax.Array | int = 0, rope_base: jax.Array | float | None = None,
-               rope_scaled: jax.Array | bool = True):
+               rope_scaled: jax.Array | bool = True, segment_ids_BT: jax.Array | None = None):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     q_BTNH = matmul('btd,dnh->btnh', x_BTD, self.w_q[...], dtype)
@@ -58,39 +69,35 @@ class Attention(nnx.Module):
     q_BTNH = sharding.constrain(q_BTNH, ('batch', 'length', 'act_heads', None))
 
     if cache is None:
-      k_BSKH, v_BSKH, k_pos_S = k_BTKH, v_BTKH, positions_BT[0]
+      k_BSKH, v_BSKH = k_BTKH, v_BTKH
+      mask = attention_ops.causal(positions_BT, window, segment_ids_BT)
       new_cache = None
     else:
-      # Cache slot s holds the key at absolute position s (all rows share positions).
-      start = (0, index, 0, 0)
-      k_BSKH = jax.lax.dynamic_update_slice(cache['k'], k_BTKH.astype(cache['k'].dtype), start)
-      v_BSKH = jax.lax.dynamic_update_slice(cache['v'], v_BTKH.astype(cache['v'].dtype), start)
-      k_pos_S = jnp.arange(k_BSKH.shape[1])
-      new_cache = {'k': k_BSKH, 'v': v_BSKH}
+      if segment_ids_BT is not None:
+        raise ValueError('segment ids apply to the forward without a KV cache (packed training '
+                         'rows); a cache row is one sequence')
+      if isinstance(cache, dict):
+        cache = LayerCache(cache['k'], cache['v'])
+      b, t = x_BTD.shape[:2]
+      start_B = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (b,))
+      new_cache = cache.write(k_BTKH, v_BTKH, start_B)
+      new_cache = LayerCache(sharding.constrain(new_cache.k, CACHE_NAMES),
+                             sharding.constrain(new_cache.v, CACHE_NAMES))
+      k_BSKH, v_BSKH = new_cache.k, new_cache.v
+      # Slot s holds position s; a row sees its slots below start + T.
+      mask = AttentionMask(positions_BT, jnp.arange(k_BSKH.shape[1], dtype=jnp.int32)[None],
+                           window, kv_lengths_B=start_B + t)
 
-    y_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, positions_BT, k_pos_S, window, cfg.attn_softcap)
+    y_BTNH = attention_ops.get(cfg.attention_impl)(q_BTNH, k_BSKH, v_BSKH, mask,
+                                                   cfg.attn_softcap)
     y_BTD = matmul('btnh,nhd->btd', y_BTNH, self.w_o[...], dtype)
     return sharding.constrain(y_BTD, ('batch', 'length', 'act_embed')), new_cache
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_S, window=0, softcap: float = 0.0):
-  """Causal softmax attention (float32 softmax); queries arrive already scaled.
-
-  A query sees keys at positions <= its own and, when `window` > 0, > its own - window.
-  Unfilled cache slots lie at positions beyond every query, so the causal mask hides them.
-  """
-  b, t, n, h = q_BTNH.shape
-  kv = k_BSKH.shape[2]
-  dtype = q_BTNH.dtype
-  q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
-  logits_BKGTS = jnp.einsum('btkgh,bskh->bkgts', q_BTKGH, k_BSKH.astype(dtype),
-                            preferred_element_type=jnp.float32)
-  if softcap:
-    logits_BKGTS = softcap * jnp.tanh(logits_BKGTS / softcap)
-  k_pos_11S, q_pos_BT1 = k_pos_S[None, None, :], q_pos_BT[:, :, None]
-  mask_BTS = (k_pos_11S <= q_pos_BT1) & ((window <= 0) | (k_pos_11S > q_pos_BT1 - window))
-  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dtype)
-  y_BTKGH = jnp.einsum('bkgts,bskh->btkgh', probs_BKGTS, v_BSKH.astype(dtype),
-                       preferred_element_type=jnp.float32).astype(dtype)
-  return y_BTKGH.reshape(b, t, n, h)
+def attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_S, window=0, softcap: float = 0.0,
+           impl: str = 'xla'):
+  """Causal softmax attention on explicit positions (queries already scaled): the mask
+  description for `k_pos_S` shared by all rows, run by backend `impl`."""
+  k_pos_1S = jnp.asarray(k_pos_S)[None]
+  mask = AttentionMask(q_pos_BT, k_pos_1S, window)
+  return attention_ops.get(impl)(q_BTNH, k_BSKH, v_BSKH, mask, softcap)

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from model.config_rules import (  # noqa: F401 (ConfigError: callers import it from here)
     BOOL, ConfigError, Rule, check_fields, choice, nonneg_int, number, positive_int,
     validated_from_dict)
+from model.attention_ops import BACKENDS as ATTENTION_BACKENDS
 
 ACTIVATIONS = ('swiglu', 'geglu', 'gelu')
 BLOCKS = ('serial', 'parallel')
@@ -108,7 +109,8 @@ MODEL_RULES = {
     'rope_scaling': choice(ROPE_SCALINGS), 'rope_scaling_factor': number(gt=0),
     'rope_low_freq_factor': number(gt=0), 'rope_high_freq_factor': number(gt=0),
     'rope_original_max_len': positive_int(), 'max_seq_len': positive_int(),
-    'remat': choice(REMAT_POLICIES), 'dtype': choice(DTYPES), 'param_dtype': choice(DTYPES),
+    'remat': choice(REMAT_POLICIES), 'attention_impl': choice(ATTENTION_BACKENDS),
+    'dtype': choice(DTYPES), 'param_dtype': choice(DTYPES),
     # A mapping of MoEConfig fields (MOE_RULES) turned into a MoEConfig by from_dict; None = dense.
     'moe': Rule('section', none_ok=True, note='MoE settings; None = all dense'),
 }
@@ -150,6 +152,9 @@ class ModelConfig:
   rope_original_max_len: int = 8192
   max_seq_len: int = 2048        # Longest context the model is used with (KV cache size cap).
   remat: str = 'none'            # none | full | dots (save matmul outputs only).
+  # Attention backend (model/attention_ops): xla (reference) | flash (blockwise, pure JAX) |
+  # cudnn (GPU only). Changes how attention is computed, never what.
+  attention_impl: str = 'xla'
   dtype: str = 'float32'         # Compute dtype; parameters stay float32.
   param_dtype: str = 'float32'
   moe: MoEConfig | None = None   # Sparse MoE FFN on the layers it selects; None = all dense.

@@ -1,69 +1,52 @@
-"""Autoregressive generation with a KV cache: one prefill, then one token per step.
+"""Autoregressive generation with a per-row KV cache: one prefill, then one token per step.
 
-Samplers: greedy (temperature 0), temperature, top-k and top-p (nucleus), seeded. Shapes:
-B samples, P prompt length, S cache size = P + max_new_tokens, V vocab.
+The loop and the samplers (greedy, temperature, top-k, top-p; seeded, all per row and traced)
+live in model/inference/sampler.py; this module keeps the calls launch/ uses. Shapes: B samples,
+P prompt length, S cache size = P + max_new_tokens, V vocab.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from model import transformer
 from model.config import ModelConfig
+from model.inference import sampler as sampler_lib
+from model.inference.sampler import SamplingParams  # noqa: F401 (re-exported)
 
 
-def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int,
-                  top_p: float) -> jax.Array:
-  """Next token ids [B]. temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off."""
-  if temperature == 0.0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits_BV = logits_BV.astype(jnp.float32) / temperature
-  if top_k:
-    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-  if top_p < 1.0:
-    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
-    n_keep_B1 = jnp.sum(cum_BV - jax.nn.softmax(sorted_BV, axis=-1) < top_p, axis=-1, keepdims=True)
-    cutoff_B1 = jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1)
-    logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
-  return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature=0.0, top_k=0,
+                  top_p=1.0) -> jax.Array:
+  """Next token ids [B] with one key for the batch (split per row); every parameter a scalar or
+  one value per row. temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off."""
+  b = logits_BV.shape[0]
+  s = SamplingParams.make(b, temperature=temperature, top_k=top_k, top_p=top_p, key=key)
+  return sampler_lib.sample_logits(logits_BV, s.keys_B, s.temperature_B, s.top_k_B, s.top_p_B)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'temperature', 'top_k',
-                                             'top_p', 'eos_id', 'vocab_limit'))
-def generate(graphdef, params, prompt_BP: jax.Array, key: jax.Array, *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int = -1, vocab_limit: int = 0) -> jax.Array:
+def generate(graphdef, params, prompt_BP: jax.Array, key: jax.Array | None = None, *,
+             max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0, eos_id: int = -1,
+             vocab_limit: int = 0, prompt_lengths=None, seed=None) -> jax.Array:
   """Continues each prompt row; returns new tokens [B, max_new_tokens]. `params` is the pure
-  dict of `nnx.split(model)[1].to_pure_dict()` (what checkpoints hold). After a row emits
+  dict of `nnx.split(model)[1].to_pure_dict()` (what checkpoints hold).
+
+  Rows may differ: `prompt_lengths` (default: all P) says how many of a right-padded row's
+  tokens are the prompt; `temperature`, `top_k`, `top_p` and `seed` are scalars or one value
+  per row. Row keys are `key` split per row, or jax.random.key(seed[b]) when `seed` is given.
+  None of these recompile: one program per (model, B, P, max_new_tokens). After a row emits
   `eos_id` it only emits `eos_id` (callers cut there). `vocab_limit` > 0 never samples ids at or
   above it (a tokenizer may have fewer pieces than the model's padded vocabulary)."""
-  # Merge afresh at each use: an NNX module must not cross into the scan's trace.
-  apply = lambda tokens, cache, index: nnx.merge(graphdef, params)(tokens, cache, index)
-  cfg: ModelConfig = nnx.merge(graphdef, params).cfg
+  prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
   b, p = prompt_BP.shape
-  cache = transformer.init_cache(cfg, b, p + max_new_tokens)
-  logits_BPV, cache = apply(prompt_BP, cache, 0)
-
-  def body(carry, i):
-    last_BV, cache, key, done_B = carry
-    key, sub = jax.random.split(key)
-    if vocab_limit:
-      last_BV = jnp.where(jnp.arange(last_BV.shape[-1]) < vocab_limit, last_BV, -jnp.inf)
-    tok_B = sample_logits(last_BV, sub, temperature, top_k, top_p)
-    tok_B = jnp.where(done_B, eos_id, tok_B)
-    done_B = done_B | (tok_B == eos_id)
-    logits_B1V, cache = apply(tok_B[:, None], cache, p + i)
-    return (logits_B1V[:, 0], cache, key, done_B), tok_B
-
-  init = (logits_BPV[:, -1], cache, key, jnp.zeros((b,), bool))
-  _, toks_NB = jax.lax.scan(body, init, jnp.arange(max_new_tokens))
-  return toks_NB.T
+  lengths_B = sampler_lib._per_row(p if prompt_lengths is None else prompt_lengths, b, jnp.int32,
+                                   'prompt_lengths')
+  if key is None and seed is None:
+    raise ValueError('generate needs a PRNG `key` or per-row `seed`')
+  sampling = SamplingParams.make(b, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 seed=0 if seed is None else seed,
+                                 key=key if seed is None else None)
+  return sampler_lib.sample(graphdef, params, prompt_BP, lengths_B, sampling,
+                            jnp.int32(eos_id), jnp.int32(vocab_limit),
+                            max_new_tokens=max_new_tokens)
 
 
 def check_prompt(prompt_len: int, max_new_tokens: int, cfg: ModelConfig) -> None:

@@ -27,7 +27,7 @@ SUPPORTED_MODEL_TYPES = tuple(t for t, _ in FAMILIES.values()) + ('gemma3',)
 _GELU_TANH = ('gelu_pytorch_tanh', 'gelu_new', 'gelu_fast', 'gelu_tanh')
 # ModelConfig / MoEConfig fields that are palmax run-time choices, not architecture: HF has no
 # value for them, so they never block an export and `config_from_hf` takes them as overrides.
-RUNTIME_FIELDS = ('remat', 'dtype', 'param_dtype')
+RUNTIME_FIELDS = ('remat', 'dtype', 'param_dtype', 'attention_impl')
 MOE_RUNTIME_FIELDS = ('dispatch', 'capacity_factor', 'capacity_group', 'aux_loss_coef',
                       'router_z_loss_coef', 'bias_update_rate', 'router_init_scale')
 

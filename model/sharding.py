@@ -34,7 +34,7 @@ MESH_AXES = ('data', 'pipeline', 'fsdp', 'expert', 'sequence', 'tensor')
 _ALL_REPLICATED = dict(
     batch=None, length=None, act_embed=None, act_heads=None, act_kv_heads=None, act_mlp=None,
     act_vocab=None, vocab=None, embed=None, mlp=None, heads=None, kv_heads=None, head_dim=None,
-    expert=None,
+    expert=None, cache_length=None,  # KV cache slots (model/inference/kv_cache.py).
     # The stacked layer axis is split into contiguous blocks over the pipeline axis: block s is
     # pipeline stage s's layers, so reshaping [R, ...] -> [stages, R/stages, ...] moves nothing.
     layers='pipeline', stage='pipeline')

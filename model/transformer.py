@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from model import pipeline, sharding
 from model.attention import Attention
 from model.config import ModelConfig
+from model.inference.kv_cache import DecodeCache
 from model.layers import MLP, Embedder, RMSNorm
 from model.moe import MoE
 
@@ -48,12 +49,13 @@ class Block(nnx.Module):
     return self.mlp(h_BTD), {}
 
   def __call__(self, x_BTD, positions_BT, cache=None, index=0, window=0, rope_base=None,
-               rope_scaled=True):
+               rope_scaled=True, segment_ids_BT=None):
     """-> (x_BTD, cache, aux): aux is the MoE layer's stats ({} for a dense FFN)."""
     post_attn = self.post_attn_norm if self.post_norms else (lambda y: y)
     post_mlp = self.post_mlp_norm if self.post_norms else (lambda y: y)
     h_BTD = self.attn_norm(x_BTD)
-    a_BTD, cache = self.attn(h_BTD, positions_BT, cache, index, window, rope_base, rope_scaled)
+    a_BTD, cache = self.attn(h_BTD, positions_BT, cache, index, window, rope_base, rope_scaled,
+                             segment_ids_BT)
     if self.parallel:
       f_BTD, aux = self._ffn(h_BTD)
       x_BTD = x_BTD + post_attn(a_BTD) + post_mlp(f_BTD)
@@ -73,13 +75,14 @@ class Unit(nnx.Module):
     for p, kind in enumerate(unit):
       setattr(self, f'block{p}', Block(cfg, rngs, moe=kind == 'M'))
 
-  def __call__(self, x_BTD, positions_BT, cache, index, window_U, base_U, scaled_U):
+  def __call__(self, x_BTD, positions_BT, cache, index, window_U, base_U, scaled_U,
+               segment_ids_BT=None):
     caches, auxes = {}, {}
     for p in range(self.size):
       name = f'block{p}'
       x_BTD, caches[name], auxes[name] = getattr(self, name)(
           x_BTD, positions_BT, None if cache is None else cache[name], index, window_U[p],
-          base_U[p], scaled_U[p])
+          base_U[p], scaled_U[p], segment_ids_BT)
     return x_BTD, (None if cache is None else caches), auxes
 
 
@@ -101,28 +104,63 @@ class Decoder(nnx.Module):
       setattr(self, f'stack{j}', make_units(rngs))
     self.final_norm = RMSNorm(cfg, rngs)
 
-  def __call__(self, tokens_BT: jax.Array, cache: dict | None = None,
-               index: jax.Array | int = 0):
+  def __call__(self, tokens_BT: jax.Array, cache: DecodeCache | None = None,
+               index: jax.Array | int | None = None, *, segment_ids_BT: jax.Array | None = None,
+               positions_BT: jax.Array | None = None):
     """Full forward (cache=None), or prefill/decode with a KV cache from `init_cache`.
 
-    With a cache, `tokens_BT` sit at positions index..index+T-1 of every row; their K/V are
-    written there and the updated cache is returned. Returns (logits_BTV, cache).
+    With a cache, row b's `tokens_BT` sit at positions index[b]..index[b]+T-1, where index is
+    the cache's per-row lengths (default) or the given scalar / [B] array; their K/V are written
+    there and the updated cache (lengths index + T) is returned. Returns (logits_BTV, cache).
     """
-    logits_BTV, cache, _ = self.forward(tokens_BT, cache, index)
+    logits_BTV, cache, _ = self.forward(tokens_BT, cache, index, segment_ids_BT=segment_ids_BT,
+                                        positions_BT=positions_BT)
     return logits_BTV, cache
 
-  def forward(self, tokens_BT: jax.Array, cache: dict | None = None,
-              index: jax.Array | int = 0):
+  def init_cache(self, batch: int, size: int) -> DecodeCache:
+    """An empty per-row cache: each attention layer's own `init_cache`, stacked like the layers
+    ({'stack{j}': {'block{p}': LayerCache [R, B, S, K, H]}}), and lengths_B = 0."""
+    cfg = self.cfg
+    if size > cfg.max_seq_len:
+      raise ValueError(f'KV cache size {size} exceeds config.model.max_seq_len={cfg.max_seq_len}')
+    layers = {}
+    for j, (repeats, unit) in enumerate(cfg.layer_groups()):
+      stack = getattr(self, f'stack{j}')
+      layers[f'stack{j}'] = {
+          f'block{p}': jax.tree.map(
+              lambda a: jnp.broadcast_to(a, (repeats,) + a.shape),
+              getattr(stack, f'block{p}').attn.init_cache(batch, size))
+          for p in range(len(unit))}
+    return DecodeCache(layers, jnp.zeros((batch,), jnp.int32))
+
+  def forward(self, tokens_BT: jax.Array, cache: DecodeCache | None = None,
+              index: jax.Array | int | None = None, *, segment_ids_BT: jax.Array | None = None,
+              positions_BT: jax.Array | None = None):
     """-> (logits_BTV, cache, aux). aux mirrors the layer structure, {'stack1': {'block0':
-    {...}}}, holding each MoE layer's stats stacked [R, ...] (see `model.moe.MoE`)."""
+    {...}}}, holding each MoE layer's stats stacked [R, ...] (see `model.moe.MoE`).
+
+    `segment_ids_BT` (int, no cache): a query sees only keys of its own segment, so packed
+    documents never attend to each other. `positions_BT` (int): RoPE/mask positions, default
+    index + arange(T) per row; give per-document positions restarting at 0 for packed rows.
+    With a cache, positions must stay the slot numbers (the default)."""
     b, t = tokens_BT.shape
-    positions_BT = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    if cache is not None:
+      index_B = cache.lengths_B if index is None else jnp.broadcast_to(
+          jnp.asarray(index, jnp.int32), (b,))
+      index = index_B
+    else:
+      index_B = jnp.broadcast_to(jnp.asarray(0 if index is None else index, jnp.int32), (b,))
+    per_row = positions_BT is not None or segment_ids_BT is not None
+    if positions_BT is None:
+      positions_BT = index_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    positions_BT = jnp.asarray(positions_BT, jnp.int32)
     x_BTD = self.embedder.encode(tokens_BT)
     cfg = self.cfg
 
-    def make_scan(positions_BT):
+    def make_scan(positions_BT, segment_ids_BT=segment_ids_BT):
       def body(x_BTD, unit, unit_cache, window_U, base_U, scaled_U):
-        return unit(x_BTD, positions_BT, unit_cache, index, window_U, base_U, scaled_U)
+        return unit(x_BTD, positions_BT, unit_cache, index, window_U, base_U, scaled_U,
+                    segment_ids_BT)
 
       if cfg.remat != 'none':
         body = nnx.remat(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -135,6 +173,9 @@ class Decoder(nnx.Module):
     pipe = pipeline.active() if cache is None else None
     if pipe is not None:
       pipe.check_fits(cfg.layer_groups(), b)
+      if per_row:
+        raise ValueError('segment_ids_BT / positions_BT are not supported with pipeline '
+                         'parallelism yet (model/pipeline.py carries one row of positions)')
 
     kinds = cfg.layer_kinds()
     new_cache, aux, first = {}, {}, 0
@@ -154,12 +195,14 @@ class Decoder(nnx.Module):
         stack_cache = None
       else:
         x_BTD, stack_cache, stack_aux = scan(x_BTD, getattr(self, name),
-                                             None if cache is None else cache[name],
+                                             None if cache is None else cache.layers[name],
                                              window_RU, base_RU, scaled_RU)
       new_cache[name] = stack_cache
       if any(stack_aux.values()):
         aux[name] = {p: a for p, a in stack_aux.items() if a}
     logits_BTV = self.embedder.decode(self.final_norm(x_BTD))
+    if cache is not None:
+      new_cache = DecodeCache(new_cache, index_B + t)
     return logits_BTV, (None if cache is None else new_cache), aux
 
   @staticmethod
@@ -168,7 +211,7 @@ class Decoder(nnx.Module):
     graphdef, state = nnx.split(stack)
     specs = nnx.get_partition_spec(state)
     names = [tuple(p) for p in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))]
-    scan = make_scan(positions_BT[:x_BTD.shape[0] // pipe.microbatches])  # Rows are identical.
+    scan = make_scan(positions_BT[:x_BTD.shape[0] // pipe.microbatches], None)  # Rows identical.
 
     def stage_fn(chunk, x_bTD, per_layer_chunk):
       x_bTD, _, aux = scan(x_bTD, nnx.merge(graphdef, chunk), None, *per_layer_chunk)
@@ -177,18 +220,11 @@ class Decoder(nnx.Module):
     return pipeline.run(stage_fn, state, names, per_layer, x_BTD, pipe)
 
 
-def init_cache(cfg: ModelConfig, batch: int, size: int) -> dict:
-  """Zeroed KV cache mirroring the layers: {'stack{j}': {'block{p}': {'k','v'}}}, each
-  [R, B, S, K, H] in the compute dtype."""
+def init_cache(cfg: ModelConfig, batch: int, size: int) -> DecodeCache:
+  """`Decoder.init_cache` without a built model (the layers' shapes only)."""
   if size > cfg.max_seq_len:
     raise ValueError(f'KV cache size {size} exceeds config.model.max_seq_len={cfg.max_seq_len}')
-  dtype = jnp.dtype(cfg.dtype)
-  cache = {}
-  for j, (repeats, unit) in enumerate(cfg.layer_groups()):
-    shape = (repeats, batch, size, cfg.num_kv_heads, cfg.head_dim)
-    cache[f'stack{j}'] = {f'block{p}': {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
-                          for p in range(len(unit))}
-  return cache
+  return abstract(cfg).init_cache(batch, size)
 
 
 def moe_layer_stats(aux: dict, cfg: ModelConfig) -> dict[str, jax.Array]:

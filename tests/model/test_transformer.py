@@ -87,3 +87,40 @@ def test_cache_larger_than_context_is_refused():
   cfg = tiny_model_config(max_seq_len=16)
   with pytest.raises(ValueError, match='max_seq_len'):
     transformer.init_cache(cfg, 1, 17)
+
+
+@pytest.mark.parametrize('overrides', [{}, dict(layer_pattern='LG', sliding_window=4)],
+                         ids=['global', 'sliding_LG_4'])
+def test_ragged_cached_decoding_equals_the_uncached_forward_per_row(overrides):
+  cfg = tiny_model_config(**overrides)
+  model = transformer.build(cfg, seed=1)
+  graphdef, params = nnx.split(model)
+  f = jax.jit(lambda p, t, c, i: nnx.merge(graphdef, p)(t, c, i))
+  full = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[0])
+  lengths = [2, 9]
+  tokens = random_tokens(2, (2, 14), cfg.vocab_size)
+  # Right-padded prefill of rows of 2 and 9 tokens, then 5 decode steps at per-row positions.
+  cache = model.init_cache(2, 16)
+  logits, cache = f(params, tokens[:, :9], cache, None)
+  cache = cache.with_lengths(lengths)
+  got = [[logits[0, :2]], [logits[1, :9]]]
+  for step in range(5):
+    tok = jnp.stack([tokens[0, 2 + step], tokens[1, 9 + step]])[:, None]
+    logits, cache = f(params, tok, cache, None)
+    got[0].append(logits[0])
+    got[1].append(logits[1])
+  np.testing.assert_array_equal(cache.lengths_B, [7, 14])
+  for r, n in enumerate(lengths):
+    want = full(params, tokens[r:r + 1, :n + 5])[0]
+    np.testing.assert_allclose(jnp.concatenate(got[r]), want, atol=1e-5)
+
+
+def test_cache_is_made_by_the_layers_with_logical_names():
+  cfg = tiny_model_config(num_layers=3)
+  cache = transformer.init_cache(cfg, 2, 8)
+  k = cache.layers['stack0']['block0'].k
+  assert k.shape == (3, 2, 8, cfg.num_kv_heads, cfg.head_dim)
+  names = cache.logical_names()
+  assert names.layers['stack0']['block0'].k == ('layers', 'batch', 'cache_length', 'act_kv_heads',
+                                                None)
+  assert cache.lengths_B.shape == (2,)

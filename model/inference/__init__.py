@@ -1,0 +1,1 @@
+"""Inference: per-row KV cache (kv_cache.py) and the sampler (sampler.py)."""

@@ -1,0 +1,180 @@
+"""Sampling in one place: per-row sampling parameters as traced arrays, so one compiled program
+serves any mix of temperatures, top-k, top-p and seeds (a server never recompiles per request).
+
+Flow: right-padded prompts [B, P] with per-row lengths prefill a per-row KV cache together; then
+each step samples one token per row from the last logits and feeds it back at that row's own
+position. Shapes: B rows, P padded prompt length, N new tokens, V vocab, S = P + N cache size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model.inference.kv_cache import DecodeCache
+
+
+def _per_row(value, batch: int, dtype, name: str) -> jax.Array:
+  a = jnp.asarray(value, dtype)
+  if a.ndim == 0:
+    return jnp.broadcast_to(a, (batch,))
+  if a.shape != (batch,):
+    raise ValueError(f'{name} has shape {a.shape}; expected a scalar or one value per row ({batch})')
+  return a
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """Per-row sampling: temperature_B (0 = greedy), top_k_B (0 = off), top_p_B (1 = off) and a
+  PRNG key per row (row b's step-i key is fold_in(keys_B[b], i): a row samples the same tokens
+  whatever else is in the batch)."""
+  temperature_B: jax.Array
+  top_k_B: jax.Array
+  top_p_B: jax.Array
+  keys_B: jax.Array
+
+  @classmethod
+  def make(cls, batch: int, *, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+           key: jax.Array | None = None) -> 'SamplingParams':
+    """Scalars apply to every row, sequences give one value per row. Keys: `key` split per row
+    if given, else jax.random.key(seed[b]) per row."""
+    t = _per_row(temperature, batch, jnp.float32, 'temperature')
+    k = _per_row(top_k, batch, jnp.int32, 'top_k')
+    p = _per_row(top_p, batch, jnp.float32, 'top_p')
+    for name, a, ok, want in (('temperature', t, lambda a: a >= 0, '>= 0'),
+                              ('top_k', k, lambda a: a >= 0, '>= 0 (0 = off)'),
+                              ('top_p', p, lambda a: (a > 0) & (a <= 1), 'in (0, 1]')):
+      if not isinstance(a, jax.core.Tracer) and not bool(np.all(ok(np.asarray(a)))):
+        raise ValueError(f'{name}={np.asarray(a).tolist()} must be {want}')
+    if key is not None:
+      keys = jax.random.split(key, batch)
+    else:
+      keys = jax.vmap(jax.random.key)(_per_row(seed, batch, jnp.uint32, 'seed'))
+    return cls(t, k, p, keys)
+
+
+def sample_logits(logits_BV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array,
+                  top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
+  """Next token ids [B] (int32), every parameter per row and traced. Per row: temperature 0 =
+  greedy; else divide by the temperature, keep the top_k largest (0 = all), then the smallest
+  prefix of those whose probability reaches top_p (the top token always stays), and draw."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  v = logits_BV.shape[-1]
+  greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  hot_B = temperature_B > 0
+  logits_BV = logits_BV / jnp.where(hot_B, temperature_B, 1.0)[:, None]
+  sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+  rank_1V = jnp.arange(v)[None]
+  top_k_B1 = top_k_B[:, None]
+  sorted_BV = jnp.where((top_k_B1 <= 0) | (rank_1V < top_k_B1), sorted_BV, -jnp.inf)
+  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+  before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV   # Mass strictly above each rank.
+  n_keep_B1 = jnp.sum(before_BV < top_p_B[:, None], axis=-1, keepdims=True)
+  n_keep_B1 = jnp.where(top_p_B[:, None] < 1.0, n_keep_B1, v)
+  n_keep_B1 = jnp.where(top_k_B1 > 0, jnp.minimum(n_keep_B1, top_k_B1), n_keep_B1)
+  cutoff_B1 = jnp.take_along_axis(sorted_BV, jnp.clip(n_keep_B1 - 1, 0, v - 1), axis=-1)
+  logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+  drawn_B = jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
+  return jnp.where(hot_B, drawn_B, greedy_B)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerState:
+  """Everything a decode step reads and writes: the cache (with per-row lengths), each row's
+  logits for its next token, whether it has emitted EOS, the step and the tokens so far."""
+  cache: DecodeCache
+  last_logits_BV: jax.Array
+  done_B: jax.Array
+  step: jax.Array
+  tokens_BN: jax.Array
+
+
+def prefill(model, prompt_BP: jax.Array, prompt_lengths_B: jax.Array, max_new_tokens: int
+            ) -> SamplerState:
+  """Right-padded prompts (row b's tokens in 0..len_b-1) through the model in one pass."""
+  b, p = prompt_BP.shape
+  cache = model.init_cache(b, p + max_new_tokens)
+  logits_BPV, cache = model(prompt_BP, cache, 0)
+  cache = cache.with_lengths(prompt_lengths_B)   # Pad slots become free slots.
+  last_BV = jnp.take_along_axis(logits_BPV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  return SamplerState(cache, last_BV, jnp.zeros((b,), bool), jnp.zeros((), jnp.int32),
+                      jnp.zeros((b, max_new_tokens), jnp.int32))
+
+
+def decode_step(model, state: SamplerState, sampling: SamplingParams, eos_id, vocab_limit
+                ) -> SamplerState:
+  """Sample one token per row, append it, run it through the model at each row's position."""
+  last_BV = state.last_logits_BV
+  v = last_BV.shape[-1]
+  last_BV = jnp.where((vocab_limit <= 0) | (jnp.arange(v) < vocab_limit), last_BV, -jnp.inf)
+  keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(sampling.keys_B, state.step)
+  tok_B = sample_logits(last_BV, keys_B, sampling.temperature_B, sampling.top_k_B,
+                        sampling.top_p_B)
+  tok_B = jnp.where(state.done_B, eos_id, tok_B)
+  done_B = state.done_B | (tok_B == eos_id)
+  logits_B1V, cache = model(tok_B[:, None], state.cache)
+  tokens_BN = jax.lax.dynamic_update_slice_in_dim(state.tokens_BN, tok_B[:, None], state.step, 1)
+  return SamplerState(cache, logits_B1V[:, 0], done_B, state.step + 1, tokens_BN)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens'))
+def sample(graphdef, params, prompt_BP: jax.Array, prompt_lengths_B: jax.Array,
+           sampling: SamplingParams, eos_id: jax.Array | int = -1,
+           vocab_limit: jax.Array | int = 0, *, max_new_tokens: int) -> jax.Array:
+  """New tokens [B, max_new_tokens]; compiled once per (model, B, P, max_new_tokens): sampling
+  parameters, EOS id and vocab limit are traced. After a row emits `eos_id` it only emits it."""
+  # Merge afresh inside each traced function: an NNX module must not cross a scan's trace.
+  state = prefill(nnx.merge(graphdef, params), prompt_BP, prompt_lengths_B, max_new_tokens)
+
+  def body(state, _):
+    return decode_step(nnx.merge(graphdef, params), state, sampling, eos_id, vocab_limit), None
+
+  state, _ = jax.lax.scan(body, state, None, length=max_new_tokens)
+  return state.tokens_BN
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1
+                ) -> tuple[jax.Array, jax.Array]:
+  """Ragged prompts -> (prompt_BP right-padded, lengths_B). `multiple` rounds P up (fewer
+  distinct shapes, fewer compilations)."""
+  lengths = [len(p) for p in prompts]
+  if not lengths or min(lengths) == 0:
+    raise ValueError('every prompt needs at least one token')
+  width = -(-max(lengths) // multiple) * multiple
+  arr = np.full((len(prompts), width), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    arr[i, :len(p)] = p
+  return jnp.asarray(arr), jnp.asarray(lengths, jnp.int32)
+
+
+class Sampler:
+  """A model's weights plus the compiled sampling loop: `Sampler(graphdef, params)(prompts,
+  max_new_tokens=..., temperature=[...], seed=[...])` -> a list of token lists, each cut after
+  EOS. `params` is the pure dict of `nnx.split(model)[1]` (what checkpoints hold)."""
+
+  def __init__(self, graphdef, params, *, eos_id: int = -1, vocab_limit: int = 0,
+               max_seq_len: int | None = None, pad_multiple: int = 1):
+    self.graphdef, self.params = graphdef, params
+    self.eos_id, self.vocab_limit, self.pad_multiple = eos_id, vocab_limit, pad_multiple
+    self.max_seq_len = max_seq_len
+
+  def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature=0.0,
+               top_k=0, top_p=1.0, seed=0) -> list[list[int]]:
+    prompt_BP, lengths_B = pad_prompts(prompts, multiple=self.pad_multiple)
+    if self.max_seq_len is not None and prompt_BP.shape[1] + max_new_tokens > self.max_seq_len:
+      raise ValueError(f'padded prompt of {prompt_BP.shape[1]} tokens + max_new_tokens='
+                       f'{max_new_tokens} exceeds config.model.max_seq_len={self.max_seq_len}')
+    sampling = SamplingParams.make(len(prompts), temperature=temperature, top_k=top_k,
+                                   top_p=top_p, seed=seed)
+    out = sample(self.graphdef, self.params, prompt_BP, lengths_B, sampling,
+                 jnp.int32(self.eos_id), jnp.int32(self.vocab_limit),
+                 max_new_tokens=max_new_tokens)
+    rows = jax.device_get(out).tolist()
+    return [r[:r.index(self.eos_id) + 1] if self.eos_id in r else r for r in rows]
