@@ -24,8 +24,22 @@ def _define_flags() -> None:
   _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes to compare.')
 
 
+def throughput(model_cfg, batch_size: int, seq_len: int, step_s: float) -> dict:
+  """Figures of one training step of `batch_size` rows of `seq_len` tokens taking `step_s`
+  seconds: tokens/s and model FLOPs/s (`ModelConfig.flops_per_token`, PaLM App. B)."""
+  tokens = batch_size * seq_len
+  flops = model_cfg.flops_per_token(seq_len) * tokens
+  return {'step_s': step_s, 'tokens_per_s': tokens / step_s, 'flops_per_s': flops / step_s}
 
-def bench_step(cfg, dtype: str, steps: int) -> dict:
+
+def mfu(flops_per_s: float, peak_flops: float) -> float:
+  """Model FLOPs utilization: achieved model FLOPs/s over the peak (a fraction)."""
+  return flops_per_s / peak_flops
+
+
+def bench_step(cfg, dtype: str, steps: int, clock=time.perf_counter) -> dict:
+  """Compiles and times the train step of `cfg` in compute `dtype`: one compile step, one
+  warm-up step, then `steps` timed steps; `clock` reads seconds."""
   import jax
   import numpy as np
   from jax.sharding import NamedSharding
@@ -49,20 +63,18 @@ def bench_step(cfg, dtype: str, steps: int) -> dict:
   batch = jax.device_put(rng.integers(0, model_cfg.vocab_size, (t.batch_size, cfg.data.seq_len + 1),
                                       dtype=np.int32), batch_sh)
   with sharding.use_mesh(mesh, rules):
-    t0 = time.perf_counter()
+    t0 = clock()
     state, m = step(state, batch)
     jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
+    compile_s = clock() - t0
     state, m = step(state, batch)
     jax.block_until_ready(m)
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(steps):
       state, m = step(state, batch)
     jax.block_until_ready(m)
-    dt = (time.perf_counter() - t0) / steps
-  tokens = t.batch_size * cfg.data.seq_len
-  flops = model_cfg.flops_per_token(cfg.data.seq_len) * tokens
-  return {'dtype': dtype, 'step_s': dt, 'tokens_per_s': tokens / dt, 'flops_per_s': flops / dt,
+    dt = (clock() - t0) / steps
+  return {'dtype': dtype, **throughput(model_cfg, t.batch_size, cfg.data.seq_len, dt),
           'compile_s': compile_s, 'params': model_cfg.param_count()}
 
 
@@ -82,7 +94,7 @@ def main(argv):
   for dtype in _DTYPES.value:
     r = bench_step(cfg, dtype, _STEPS.value)
     print(f'{dtype:>9} {1e3 * r["step_s"]:9.1f} {r["tokens_per_s"]:10,.0f} {r["flops_per_s"] / 1e9:9.1f} '
-          f'{100 * r["flops_per_s"] / best:6.1f}% {100 * r["flops_per_s"] / peaks[dtype]:8.1f}% '
+          f'{100 * mfu(r["flops_per_s"], best):6.1f}% {100 * mfu(r["flops_per_s"], peaks[dtype]):8.1f}% '
           f'{r["compile_s"]:9.1f}')
   print('MFU is against the best measured peak; MFU(own) against the peak of that dtype.')
 

@@ -11,7 +11,7 @@ construction, so 'vs dense' is the overhead of routing, dispatch and combine. Th
 extra work that is not counted: the float32 router (2*N*D*E per forward), the index
 scatter/gather of dispatch and combine (plus a sort for dropless), and padding: capacity mode
 computes all E*C buffer rows (capacity_factor x the useful rows, empty slots included); dropless on
-CPU pads each expert's rows to whole blocks (`model.moe.GMM_BLOCK`), on TPU/GPU it is one
+CPU pads each expert's rows to whole blocks (`model.moe_kernels.GMM_BLOCK`), on TPU/GPU it is one
 `jax.lax.ragged_dot`.
 """
 from __future__ import annotations

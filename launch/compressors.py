@@ -1,6 +1,7 @@
 """Bits per byte of classic compressors on the validation bytes: a baseline for the LM's bits/byte.
 
     python -m launch.compressors --workdir=DIR [--source=stdlib --val_fraction=0.01 --seed=0]
+    python -m launch.compressors --source=text --paths='data/*.txt,more/*.txt'
 
 Compresses exactly `train.data.validation_text(val_docs)` (each val doc + one newline standing for
 its EOS), the byte string behind the trainer's `eval_bits_per_byte`. Prints one line per
@@ -9,12 +10,12 @@ compressor and writes `DIR/compressors.json`.
 
 from __future__ import annotations
 
-import argparse
 import bz2
 import gzip
 import lzma
-import sys
 import time
+
+from absl import app, flags
 
 from train import corpus
 from train import data as data_lib
@@ -48,35 +49,40 @@ def run(data_cfg, workdir: str | None = None) -> dict:
   return result
 
 
-def main(argv=None) -> int:
-  defaults = data_lib.default_data_config()
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--workdir', default=None, help='where to write compressors.json')
-  parser.add_argument('--source', default=defaults.source, choices=corpus.SOURCES)
-  parser.add_argument('--paths', nargs='*', default=[], help='files/globs for text or jsonl')
-  parser.add_argument('--text_key', default=defaults.text_key)
-  parser.add_argument('--tfds_name', default='')
-  parser.add_argument('--tfds_split', default='train')
-  parser.add_argument('--tfds_data_dir', default=None)
-  parser.add_argument('--val_fraction', type=float, default=defaults.val_fraction)
-  parser.add_argument('--max_docs', type=int, default=0)
-  parser.add_argument('--seed', type=int, default=defaults.seed)
-  args = parser.parse_args(argv)
-  data_cfg = {k: v for k, v in vars(args).items() if k != 'workdir'}
-  from launch import errors
-  try:
-    result = run(data_cfg, args.workdir)
-  except ValueError as e:   # In-process callers get the exit code too (2: the user's to fix).
-    print(f'error: {errors.describe(e)}', file=sys.stderr)
-    return errors.USER_ERROR
+def _define_flags() -> None:
+  """CLI flags, defined only when this module is the program, so tests and other modules
+  can import its functions without absl duplicate-flag clashes. Defaults: configs/base.py."""
+  from configs import base
+  defaults = base.get_base().data
+  global _FLAGS
+  _FLAGS = {
+      'workdir': flags.DEFINE_string('workdir', None, 'Where to write compressors.json.'),
+      'source': flags.DEFINE_enum('source', defaults.source, corpus.SOURCES, 'Corpus source.'),
+      'paths': flags.DEFINE_list('paths', list(defaults.paths), 'Files/globs for text or jsonl.'),
+      'text_key': flags.DEFINE_string('text_key', defaults.text_key, 'jsonl/tfds text field.'),
+      'tfds_name': flags.DEFINE_string('tfds_name', defaults.tfds_name, 'TFDS dataset name.'),
+      'tfds_split': flags.DEFINE_string('tfds_split', defaults.tfds_split, 'TFDS split.'),
+      'tfds_data_dir': flags.DEFINE_string('tfds_data_dir', defaults.tfds_data_dir or None,
+                                           'TFDS data dir.'),
+      'val_fraction': flags.DEFINE_float('val_fraction', defaults.val_fraction,
+                                         'Fraction of documents in the val split.'),
+      'max_docs': flags.DEFINE_integer('max_docs', defaults.max_docs, '0 = every document.'),
+      'seed': flags.DEFINE_integer('seed', defaults.seed, 'Split seed.'),
+  }
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  data_cfg = {k: f.value for k, f in _FLAGS.items() if k != 'workdir'}
+  result = run(data_cfg, _FLAGS['workdir'].value)
   print(f'corpus {result["fingerprint"][:12]} ({result["source"]}): {result["val_docs"]} val docs, '
         f'{result["val_bytes_with_separators"]} bytes')
   for name, bpb in result['bits_per_byte'].items():
     print(f'{name:8s} {bpb:.4f} bits/byte')
-  return 0
 
 
 if __name__ == '__main__':
   from launch import errors
-  with errors.boundary():   # OSError (--workdir, a full disk), Ctrl-C, bugs: see launch/errors.py.
-    sys.exit(main())
+  _define_flags()
+  errors.run(main)   # ValueError -> exit 2; OSError (--workdir, a full disk), Ctrl-C: errors.py.

@@ -21,22 +21,12 @@ def load_model(workdir: str, step: int | None = None):
   parameters are read (not the optimizer's moments, twice their size)."""
   import jax
   from model import sharding
-  from model.config import ModelConfig
-  from train import checkpoint_stream, state as state_lib
+  from train.scoring import load_params
   from train.tokenizer import load_workdir_tokenizer
 
   cfg = load_config(workdir)
-  model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
   mesh = sharding.make_mesh({'data': 1}, jax.devices()[:1])
-  graphdef, abstract, shardings = state_lib.param_shardings(
-      model_cfg, mesh, sharding.check_rules(cfg.mesh.rules))
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-  try:
-    params, record = checkpoint_stream.restore_params(workdir, abstract, step)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f'{e}: train first') from None
-  checkpoint_stream.check_model(record, model_cfg, workdir)
+  model_cfg, graphdef, params, record = load_params(workdir, mesh, step=step)
   tokenizer = load_workdir_tokenizer(workdir)   # palmax's own, or a converted checkpoint's.
   check_tokenizer(record, tokenizer, workdir)
   return cfg, model_cfg, graphdef, params, tokenizer

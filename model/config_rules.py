@@ -14,6 +14,19 @@ class ConfigError(ValueError):
   """A config value is missing, unknown or inconsistent; the message names the field."""
 
 
+def field(obj: Any, name: str, default: Any = None) -> Any:
+  """`obj.name` from a ConfigDict, dict or any attribute holder; `default` when `obj` is None or
+  has no such field."""
+  if obj is None:
+    return default
+  if isinstance(obj, dict):
+    return obj.get(name, default)
+  try:
+    return getattr(obj, name)
+  except (AttributeError, KeyError):
+    return default
+
+
 def closest_key(name: str, known: Iterable[str]) -> str | None:
   """The key in `known` that `name` most likely misspells (difflib, case-insensitive), or None."""
   by_lower = {str(k).lower(): str(k) for k in known}

@@ -37,7 +37,7 @@ def generate(graphdef, params, prompt_BP: jax.Array, key: jax.Array | None = Non
   above it (a tokenizer may have fewer pieces than the model's padded vocabulary)."""
   prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
   b, p = prompt_BP.shape
-  lengths_B = sampler_lib._per_row(p if prompt_lengths is None else prompt_lengths, b, jnp.int32,
+  lengths_B = sampler_lib.per_row(p if prompt_lengths is None else prompt_lengths, b, jnp.int32,
                                    'prompt_lengths')
   if key is None and seed is None:
     raise ValueError('generate needs a PRNG `key` or per-row `seed`')

@@ -1,6 +1,7 @@
 """Building blocks: parameter helper, RMSNorm, embedder, RoPE and the (gated) MLP.
 
-Shapes: B batch, T length, D d_model, F mlp_dim, V vocab, N heads, H head_dim.
+Shapes: B batch, T length, D d_model, F mlp_dim, V vocab, N heads, H head_dim, h = H/2 rotary
+frequencies (a lowercase letter is a part of its uppercase one; K is attention's kv heads).
 """
 from __future__ import annotations
 
@@ -94,43 +95,43 @@ class Embedder(nnx.Module):
 
 
 def rope_inv_freq(head_dim: int, base, cfg: ModelConfig, scaled=True) -> jax.Array:
-  """Rotation frequencies [H/2]: base^(-2i/H), rescaled by cfg.rope_scaling where `scaled`.
+  """Rotation frequencies [h = H/2]: base^(-2i/H), rescaled by cfg.rope_scaling where `scaled`.
 
   linear: every frequency / factor (position interpolation). llama3 (Llama 3.1): wavelengths
   longer than original_len / low_freq_factor are divided by `factor`, shorter than
   original_len / high_freq_factor kept, and those between interpolated smoothly. `base` and
   `scaled` may be traced per-layer values from the scanned stack.
   """
-  inv_freq_K = base ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)
+  inv_freq_h = base ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)
   factor = cfg.rope_scaling_factor
   if cfg.rope_scaling == 'linear':
-    rescaled_K = inv_freq_K / factor
+    rescaled_h = inv_freq_h / factor
   elif cfg.rope_scaling == 'llama3':
     lo, hi, orig = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
-    wavelen_K = 2 * jnp.pi / inv_freq_K
-    smooth_K = (orig / wavelen_K - lo) / (hi - lo)
-    mid_K = (1 - smooth_K) * inv_freq_K / factor + smooth_K * inv_freq_K
-    rescaled_K = jnp.where(wavelen_K > orig / lo, inv_freq_K / factor,
-                           jnp.where(wavelen_K < orig / hi, inv_freq_K, mid_K))
+    wavelen_h = 2 * jnp.pi / inv_freq_h
+    smooth_h = (orig / wavelen_h - lo) / (hi - lo)
+    mid_h = (1 - smooth_h) * inv_freq_h / factor + smooth_h * inv_freq_h
+    rescaled_h = jnp.where(wavelen_h > orig / lo, inv_freq_h / factor,
+                           jnp.where(wavelen_h < orig / hi, inv_freq_h, mid_h))
   else:
-    return inv_freq_K
-  return jnp.where(scaled, rescaled_K, inv_freq_K)
+    return inv_freq_h
+  return jnp.where(scaled, rescaled_h, inv_freq_h)
 
 
-def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_K: jax.Array) -> jax.Array:
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_h: jax.Array) -> jax.Array:
   """Rotary position embedding (Su et al. 2021), half-split layout, computed in float32.
 
   Channel pair (i, i + H/2) is rotated by angle position * inv_freq[i], so q.k depends only on
   the relative position of query and key.
   """
-  angle_BTK = positions_BT[..., None].astype(jnp.float32) * inv_freq_K
-  sin, cos = jnp.sin(angle_BTK)[:, :, None, :], jnp.cos(angle_BTK)[:, :, None, :]
+  angle_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq_h
+  sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTNH.dtype)
 
 
-_ACTIVATION_FNS = {
+ACTIVATION_FNS = {
     'swiglu': jax.nn.silu,
     'geglu': lambda x: jax.nn.gelu(x, approximate=True),
     'gelu': lambda x: jax.nn.gelu(x, approximate=True),
@@ -151,7 +152,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     dtype = jnp.dtype(self.cfg.dtype)
-    h_BTF = _ACTIVATION_FNS[self.cfg.activation](matmul('btd,df->btf', x_BTD, self.w_gate[...], dtype))
+    h_BTF = ACTIVATION_FNS[self.cfg.activation](matmul('btd,df->btf', x_BTD, self.w_gate[...], dtype))
     if self.cfg.gated:
       h_BTF = h_BTF * matmul('btd,df->btf', x_BTD, self.w_up[...], dtype)
     h_BTF = sharding.constrain(h_BTF, ('batch', 'length', 'act_mlp'))

@@ -6,13 +6,15 @@ over the `batch` rule's axes plus the expert axis, positions over the `length` a
 experts (their hidden dim split over the `mlp` axes, if any). Routing, the aux losses and the
 load statistics stay outside, under GSPMD, so they are global by construction.
 
-Shapes: n local tokens, d d_model, E experts, L = E/X local experts, X expert shards, k top-k,
-G capacity groups on this device, S tokens per group, C capacity, R rows one device sends to one
-expert shard (dropless).
+Shapes (as in `model.moe` / `model.moe_kernels`; a lowercase letter is a part of its uppercase
+one, like the pipeline's b = B/M): i a device's local tokens (n of them), D d_model, E experts,
+e = E/X local experts (l of them), X expert shards, A top-k choices (k), J capacity groups on this
+device (g), Z tokens per group (s), C capacity (c), Y token-slots, y the rows one device sends to
+one expert shard (dropless; r of them), Q = X*y rows an expert shard receives.
 
 Capacity mode (GShard, Lepikhin et al. 2020 §2.2: groups are local to a device): each device
-fills per-(group, expert) buffers [G, E, C, d], all-to-all sends expert shard x its [G, L, C, d]
-slice, the local experts run on [G*X, L, C, d], a second all-to-all brings results back.
+fills per-(group, expert) buffers [J, E, C, D], all-to-all sends expert shard x its [J, e, C, D]
+slice, the local experts run on [J*X, e, C, D], a second all-to-all brings results back.
 - capacity_group='sequence': a group is one sequence and sequences never straddle devices, so
   outputs and drops equal the unsharded layer exactly.
 - capacity_group='batch': unsharded, all B*T tokens are one group; here the group is this
@@ -20,10 +22,10 @@ slice, the local experts run on [G*X, L, C, d], a second all-to-all brings resul
   with overflow *which* slots drop can differ (each device ranks only its own tokens). The
   reported dropped_fraction is the global one (mean over equal-size shards).
 Dropless mode: each device sorts its token-slots by expert and sends expert shard x the ones
-for x's experts in a buffer of the worst-case size R = n*min(k, L) (static shapes for
+for x's experts in a buffer of the worst-case size r = n*min(k, l) (static shapes for
 `all_to_all`), with per-expert counts; the receiver regroups rows by local expert for the
-grouped matmul (`moe.experts_ragged`). Exact, but the buffers are X*R rows where n*k arrive on
-average: X*min(k, L)/k times the traffic, and on CPU (block-padded matmul over the whole
+grouped matmul (`moe_kernels.experts_ragged`). Exact, but the buffers are X*r rows where n*k
+arrive on average: X*min(k, l)/k times the traffic, and on CPU (block-padded matmul over the whole
 buffer) that much compute too. A ragged all-to-all would shrink the traffic, not the buffer.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from model import sharding
+from model import moe_kernels, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +73,10 @@ def active_plan(moe_cfg, batch: int, length: int) -> ExpertParallel | None:
   code path, GSPMD-partitioned) when there is no mesh, the `expert` rule maps to no mesh axis of
   size > 1, or the batch does not split over the batch axes (e.g. decoding fewer rows than
   devices: correct, but the expert weights get gathered)."""
-  if not sharding._ACTIVE:  # noqa: SLF001  (the mesh and rules of the step being traced)
+  active = sharding.active_rules()   # The mesh and rules of the step being traced.
+  if active is None:
     return None
-  mesh, rules = sharding._ACTIVE[-1]  # noqa: SLF001
+  mesh, rules = active
   on = lambda name, used=(): tuple(a for a in rules.get(name, ())
                                     if mesh.shape.get(a, 1) > 1 and a not in used)
   axes = on('expert')
@@ -105,16 +108,14 @@ def active_plan(moe_cfg, batch: int, length: int) -> ExpertParallel | None:
   return ExpertParallel(mesh, axis, batch_axes, length_axes, mlp_axes)
 
 
-def expert_parallel_ffn(cfg, moe_cfg, plan: ExpertParallel, x_BTD, idx_BTK, weights_BTK,
+def expert_parallel_ffn(cfg, moe_cfg, plan: ExpertParallel, x_BTD, idx_BTA, weights_BTA,
                         expert_weights):
   """Routed expert FFN with experts split over `plan.expert_axis`.
 
-  x_BTD [B, T, D], idx_BTK / weights_BTK [B, T, k] (the router's choices and gate weights),
+  x_BTD [B, T, D], idx_BTA / weights_BTA [B, T, A] (the router's choices and gate weights),
   expert_weights (w_gate [E,D,F], w_up [E,D,F] or None, w_down [E,F,D]).
   -> (y_BTD float32, dropped fraction of token-slots, a float32 scalar).
   """
-  from model import moe  # Expert FFNs, capacity dispatch/combine; moe imports this module.
-
   tok = P(_entry(plan.batch_axes), _entry(plan.length_axes), None)
   ex, mlp = plan.expert_axis, _entry(plan.mlp_axes)
   w_gate, w_up, w_down = expert_weights
@@ -124,66 +125,66 @@ def expert_parallel_ffn(cfg, moe_cfg, plan: ExpertParallel, x_BTD, idx_BTK, weig
   def unpack(ws):
     return (ws[0], None, ws[1]) if len(ws) == 2 else ws
 
-  def capacity_local(x_nD, idx_nK, w_nK, ws, t):
-    n, d = x_nD.shape
+  def capacity_local(x_iD, idx_iA, w_iA, ws, t):
+    n, d = x_iD.shape
     x, e = plan.num_shards, moe_cfg.num_experts
     s = t if moe_cfg.capacity_group == 'sequence' else n
     g, c = n // s, moe_cfg.capacity(s)
-    slot_GM, kept = moe.capacity_slots(idx_nK, g, s, e, c)
-    x_GECD = moe.dispatch(x_nD.reshape(g, s, d), slot_GM, e, c, jnp.dtype(cfg.dtype))
-    # Send expert shard j the buffers of its experts; receive [G, X sources, L, C, d].
-    recv = jax.lax.all_to_all(x_GECD.reshape(g, x, e // x, c, d), ex, 1, 1, tiled=True)
-    out = moe.experts_dense(cfg, recv.reshape(g * x, e // x, c, d), *unpack(ws))
+    slot_JY, kept = moe_kernels.capacity_slots(idx_iA, g, s, e, c)
+    x_JECD = moe_kernels.dispatch(x_iD.reshape(g, s, d), slot_JY, e, c, jnp.dtype(cfg.dtype))
+    # Send expert shard j the buffers of its experts; receive [J, X sources, e, C, D].
+    recv = jax.lax.all_to_all(x_JECD.reshape(g, x, e // x, c, d), ex, 1, 1, tiled=True)
+    out = moe_kernels.experts_dense(cfg, recv.reshape(g * x, e // x, c, d), *unpack(ws))
     back = jax.lax.all_to_all(out.reshape(g, x, e // x, c, d), ex, 1, 1, tiled=True)
-    y_GSD = moe.combine(back.reshape(g, e, c, d), slot_GM, w_nK)
-    return y_GSD.reshape(n, d), 1.0 - kept
+    y_JZD = moe_kernels.combine(back.reshape(g, e, c, d), slot_JY, w_iA)
+    return y_JZD.reshape(n, d), 1.0 - kept
 
-  def dropless_local(x_nD, idx_nK, w_nK, ws, t):
+  def dropless_local(x_iD, idx_iA, w_iA, ws, t):
     del t
-    n, d = x_nD.shape
-    k = idx_nK.shape[-1]
+    n, d = x_iD.shape
+    k = idx_iA.shape[-1]
     x, e = plan.num_shards, moe_cfg.num_experts
     l = e // x
-    r = n * min(k, l)  # A token sends at most min(k, L) slots to one expert shard.
-    # Sender: slots sorted by expert are also sorted by destination shard (= expert // L).
-    expert_M = idx_nK.reshape(-1)                 # slot m = token*k + choice
-    order_M = jnp.argsort(expert_M, stable=True)  # sorted position -> slot
-    dest_M = expert_M[order_M] // l
-    counts_XL = jnp.bincount(expert_M, length=e).astype(jnp.int32).reshape(x, l)
-    start_X = jnp.cumsum(counts_XL.sum(-1)) - counts_XL.sum(-1)
-    row_M = jnp.arange(n * k) - start_X[dest_M]   # Row of each sorted slot in its send buffer.
+    r = n * min(k, l)  # A token sends at most min(k, l) slots to one expert shard.
+    # Sender: slots sorted by expert are also sorted by destination shard (= expert // l).
+    expert_Y = idx_iA.reshape(-1)                 # slot m = token*k + choice
+    order_Y = jnp.argsort(expert_Y, stable=True)  # sorted position -> slot
+    dest_Y = expert_Y[order_Y] // l
+    counts_Xe = jnp.bincount(expert_Y, length=e).astype(jnp.int32).reshape(x, l)
+    start_X = jnp.cumsum(counts_Xe.sum(-1)) - counts_Xe.sum(-1)
+    row_Y = jnp.arange(n * k) - start_X[dest_Y]   # Row of each sorted slot in its send buffer.
     # Scatter-adds below write distinct rows (a set whose transpose is a plain gather).
-    send_XRD = jnp.zeros((x, r, d), x_nD.dtype).at[dest_M, row_M].add(x_nD[order_M // k])
-    recv_XRD = jax.lax.all_to_all(send_XRD, ex, 0, 0, tiled=True)
-    recv_XL = jax.lax.all_to_all(counts_XL, ex, 0, 0, tiled=True)
-    # Receiver: source s's rows are sorted by local expert; rows past its total are padding (L).
-    ends_XL = jnp.cumsum(recv_XL, axis=-1)
+    send_XyD = jnp.zeros((x, r, d), x_iD.dtype).at[dest_Y, row_Y].add(x_iD[order_Y // k])
+    recv_XyD = jax.lax.all_to_all(send_XyD, ex, 0, 0, tiled=True)
+    recv_Xe = jax.lax.all_to_all(counts_Xe, ex, 0, 0, tiled=True)
+    # Receiver: source s's rows are sorted by local expert; rows past its total are padding (l).
+    ends_Xe = jnp.cumsum(recv_Xe, axis=-1)
     # local[s, q] = #experts whose rows end at or before q (a searchsorted per source).
-    marks_XR = jnp.zeros((x, r + 1), jnp.int32).at[jnp.arange(x)[:, None], ends_XL].add(1)
-    local_XR = jnp.cumsum(marks_XR, axis=1)[:, :r]
-    local_Q = local_XR.reshape(-1)                # q = source*R + row
+    marks_Xy = jnp.zeros((x, r + 1), jnp.int32).at[jnp.arange(x)[:, None], ends_Xe].add(1)
+    local_Xy = jnp.cumsum(marks_Xy, axis=1)[:, :r]
+    local_Q = local_Xy.reshape(-1)                # q = source*r + row
     order_Q = jnp.argsort(local_Q, stable=True)
-    sizes_L = jnp.bincount(local_Q, length=l + 1)[:l].astype(jnp.int32)
-    rows_QD = recv_XRD.reshape(x * r, d)[order_Q]
-    out_sorted_QD = moe.experts_ragged(cfg, rows_QD, sizes_L, *unpack(ws))
-    out_XRD = jnp.zeros_like(out_sorted_QD).at[order_Q].add(out_sorted_QD).reshape(x, r, d)
-    back_XRD = jax.lax.all_to_all(out_XRD, ex, 0, 0, tiled=True)
-    out_MD = jnp.zeros((n * k, d), back_XRD.dtype).at[order_M].add(back_XRD[dest_M, row_M])
-    y_nD = jnp.einsum('nkd,nk->nd', out_MD.reshape(n, k, d).astype(jnp.float32),
-                      w_nK.astype(jnp.float32))
-    return y_nD, jnp.zeros((), jnp.float32)
+    sizes_e = jnp.bincount(local_Q, length=l + 1)[:l].astype(jnp.int32)
+    rows_QD = recv_XyD.reshape(x * r, d)[order_Q]
+    out_sorted_QD = moe_kernels.experts_ragged(cfg, rows_QD, sizes_e, *unpack(ws))
+    out_XyD = jnp.zeros_like(out_sorted_QD).at[order_Q].add(out_sorted_QD).reshape(x, r, d)
+    back_XyD = jax.lax.all_to_all(out_XyD, ex, 0, 0, tiled=True)
+    out_YD = jnp.zeros((n * k, d), back_XyD.dtype).at[order_Y].add(back_XyD[dest_Y, row_Y])
+    y_iD = jnp.einsum('nkd,nk->nd', out_YD.reshape(n, k, d).astype(jnp.float32),
+                      w_iA.astype(jnp.float32))
+    return y_iD, jnp.zeros((), jnp.float32)
 
-  def local(x_btD, idx_btK, w_btK, *ws):
+  def local(x_btD, idx_btA, w_btA, *ws):
     b, t, d = x_btD.shape
-    k = idx_btK.shape[-1]
+    k = idx_btA.shape[-1]
     fn = dropless_local if moe_cfg.dispatch == 'dropless' else capacity_local
-    y_nD, dropped = fn(x_btD.reshape(b * t, d), idx_btK.reshape(b * t, k),
-                       w_btK.reshape(b * t, k), ws, t)
+    y_iD, dropped = fn(x_btD.reshape(b * t, d), idx_btA.reshape(b * t, k),
+                       w_btA.reshape(b * t, k), ws, t)
     if plan.mlp_axes:  # Each device summed over its slice of F only.
-      y_nD = jax.lax.psum(y_nD, plan.mlp_axes)
+      y_iD = jax.lax.psum(y_iD, plan.mlp_axes)
     # Equal-size token shards: the mean of the local fractions is the global fraction.
-    return y_nD.reshape(b, t, d), jax.lax.pmean(dropped, plan.token_axes)
+    return y_iD.reshape(b, t, d), jax.lax.pmean(dropped, plan.token_axes)
 
   f = jax.shard_map(local, mesh=plan.mesh, in_specs=(tok, tok, tok) + w_specs,
                     out_specs=(tok, P()), check_vma=True)
-  return f(x_BTD, idx_BTK, weights_BTK, *ws)
+  return f(x_BTD, idx_BTA, weights_BTA, *ws)

@@ -303,6 +303,11 @@ def use_mesh(mesh: Mesh, rules: dict[str, tuple[str, ...]]) -> Iterator[None]:
     _ACTIVE.pop()
 
 
+def active_rules() -> tuple[Mesh, dict[str, tuple[str, ...]]] | None:
+  """(mesh, rules) of the innermost `use_mesh`, or None outside one."""
+  return _ACTIVE[-1] if _ACTIVE else None
+
+
 def active_mesh() -> Mesh | None:
   return _ACTIVE[-1][0] if _ACTIVE else None
 

@@ -25,11 +25,6 @@ def tiny_model_config(**overrides) -> ModelConfig:
   return cfg
 
 
-@pytest.fixture
-def tiny_cfg():
-  return tiny_model_config()
-
-
 def jit_apply(model):
   """A jitted functional forward (eager NNX is slow): f(tokens, cache=None, index=0)."""
   graphdef, params = nnx.split(model)

@@ -32,6 +32,8 @@ import sysconfig
 import unicodedata
 from typing import Any, Iterable, Sequence
 
+from model import config_rules
+
 SOURCES = ('stdlib', 'text', 'jsonl', 'tfds')
 
 
@@ -249,15 +251,11 @@ def _is_stdlib_source(rel: pathlib.PurePath) -> bool:
 def stdlib_documents() -> list[Document]:
   """The bundled default corpus: stdlib `.py` files (sorted relative paths) + pydoc topics.
 
-  Files that are not valid UTF-8 (a few deliberately mis-encoded test fixtures) are skipped; see
-  `stdlib_skipped()`. No network access, deterministic for a given Python version.
+  Files that are not valid UTF-8 (a few deliberately mis-encoded test fixtures) are skipped; the
+  source info lists them (`skipped_not_utf8`). No network access, deterministic for a given
+  Python version.
   """
   return _stdlib_documents_and_skipped()[0]
-
-
-def stdlib_skipped() -> list[str]:
-  """Relative paths of stdlib `.py` files left out because they are not UTF-8."""
-  return _stdlib_documents_and_skipped()[1]
 
 
 def _stdlib_documents_and_skipped() -> tuple[list[Document], list[str]]:
@@ -282,36 +280,27 @@ def _stdlib_documents_and_skipped() -> tuple[list[Document], list[str]]:
 # The pipeline.
 
 
-def _get(data_cfg: Any, field: str, default: Any = None) -> Any:
-  """Reads `data_cfg.field` from a ConfigDict, dict or any attribute holder."""
-  if isinstance(data_cfg, dict):
-    return data_cfg.get(field, default)
-  try:
-    return getattr(data_cfg, field)
-  except (AttributeError, KeyError):
-    return default
-
-
 def _read_source(data_cfg: Any) -> tuple[list[Document], dict[str, Any]]:
-  source = _get(data_cfg, 'source', 'stdlib')
+  source = config_rules.field(data_cfg, 'source', 'stdlib')
   if source == 'stdlib':
     docs, skipped = _stdlib_documents_and_skipped()
     return docs, {'python_version': platform.python_version(), 'stdlib_path': str(_stdlib_root()),
                   'skipped_not_utf8': skipped}
   if source == 'text':
-    paths = _get(data_cfg, 'paths')
+    paths = config_rules.field(data_cfg, 'paths')
     return text_documents(paths), {'paths': list(_as_list(paths))}
   if source == 'jsonl':
-    paths = _get(data_cfg, 'paths')
-    return jsonl_documents(paths, _get(data_cfg, 'text_key', 'text')), {'paths': list(_as_list(paths))}
+    paths = config_rules.field(data_cfg, 'paths')
+    docs = jsonl_documents(paths, config_rules.field(data_cfg, 'text_key', 'text'))
+    return docs, {'paths': list(_as_list(paths))}
   if source == 'tfds':
-    name = _get(data_cfg, 'tfds_name')
+    name = config_rules.field(data_cfg, 'tfds_name')
     if not name:
       raise ValueError("data.tfds_name must be set when data.source == 'tfds'")
-    split_name = _get(data_cfg, 'tfds_split', 'train') or 'train'
-    docs = tfds_documents(name, split_name, _get(data_cfg, 'text_key', 'text'),
-                          _get(data_cfg, 'tfds_data_dir') or None,
-                          limit=int(_get(data_cfg, 'max_docs', 0) or 0))
+    split_name = config_rules.field(data_cfg, 'tfds_split', 'train') or 'train'
+    docs = tfds_documents(name, split_name, config_rules.field(data_cfg, 'text_key', 'text'),
+                          config_rules.field(data_cfg, 'tfds_data_dir') or None,
+                          limit=int(config_rules.field(data_cfg, 'max_docs', 0) or 0))
     return docs, {'tfds_name': name, 'tfds_split': split_name}
   raise ValueError(f'data.source must be one of {list(SOURCES)}, got {source!r}')
 
@@ -323,11 +312,11 @@ def _as_list(paths: Any) -> Iterable[str]:
 
 
 def describe_source(data_cfg: Any) -> str:
-  source = _get(data_cfg, 'source', 'stdlib')
+  source = config_rules.field(data_cfg, 'source', 'stdlib')
   if source in ('text', 'jsonl'):
-    return f'data.source={source!r} paths={list(_as_list(_get(data_cfg, "paths")))}'
+    return f'data.source={source!r} paths={list(_as_list(config_rules.field(data_cfg, "paths")))}'
   if source == 'tfds':
-    return f'data.source={source!r} tfds_name={_get(data_cfg, "tfds_name")!r}'
+    return f'data.source={source!r} tfds_name={config_rules.field(data_cfg, "tfds_name")!r}'
   return f'data.source={source!r}'
 
 
@@ -338,12 +327,12 @@ def load_documents(data_cfg: Any) -> tuple[list[Document], list[Document], dict[
   `source`, `fingerprint`, doc/byte counts per split (`*_docs`, `*_bytes`: UTF-8 bytes of the
   normalized texts), how many docs were dropped, and source details (python version for 'stdlib').
   """
-  source = _get(data_cfg, 'source', 'stdlib')
-  max_docs = int(_get(data_cfg, 'max_docs', 0) or 0)
+  source = config_rules.field(data_cfg, 'source', 'stdlib')
+  max_docs = int(config_rules.field(data_cfg, 'max_docs', 0) or 0)
   if max_docs < 0:
     raise ValueError(f'data.max_docs must be >= 0 (0 = all), got {max_docs}')
-  val_fraction = float(_get(data_cfg, 'val_fraction', 0.0) or 0.0)
-  seed = int(_get(data_cfg, 'seed', 0) or 0)
+  val_fraction = float(config_rules.field(data_cfg, 'val_fraction', 0.0) or 0.0)
+  seed = int(config_rules.field(data_cfg, 'seed', 0) or 0)
   raw, details = _read_source(data_cfg)
 
   normalized = [Document(d.name, normalize(d.text)) for d in raw]

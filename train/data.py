@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from model import config_rules
 from train import corpus, failpoints, paths
 from train import tokenizer as tokenizer_lib
 
@@ -181,13 +182,13 @@ def validation_batches(val_tokens: np.ndarray, seq_len: int, batch_size: int,
 
 
 def document_ids(inputs_BT: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """(segment_ids [B, T], positions [B, T]) of packed input tokens: a document starts at the row's
-  first token and after each EOS (the EOS ends its document); segment ids count documents from 1
-  within the row, positions restart at 0 in each document."""
+  """(segment_ids [B, T], positions [B, T]) of packed input tokens. Documents are packed each
+  followed by EOS, and that EOS is also what the next document is predicted from (a document
+  alone is `[EOS] + doc + [EOS]`), so a segment starts at each EOS input and at the row's first
+  token; segment ids count from 1 within the row, positions restart at 0 in each segment."""
   b, t = inputs_BT.shape
-  starts_BT = np.zeros((b, t), bool)
+  starts_BT = inputs_BT == eos_id
   starts_BT[:, 0] = True
-  starts_BT[:, 1:] = inputs_BT[:, :-1] == eos_id
   segment_ids_BT = np.cumsum(starts_BT, axis=1).astype(np.int32)
   index_BT = np.broadcast_to(np.arange(t), (b, t))
   start_BT = np.maximum.accumulate(np.where(starts_BT, index_BT, 0), axis=1)
@@ -236,11 +237,11 @@ def cached_tokens(tok: tokenizer_lib.Tokenizer, train_docs: Sequence[corpus.Docu
   key = f'{fingerprint}:{tok.digest}'
   files = {s: paths.join(workdir, f'tokens_{s}.npy') for s in ('train', 'val')} if workdir else {}
   meta_path = paths.join(workdir, 'tokens.json') if workdir else None
-  if meta_path and tokenizer_lib._read_json(meta_path).get('key') == key:
+  cached = paths.read_json(meta_path, {}) if meta_path else {}
+  if isinstance(cached, dict) and cached.get('key') == key:
     try:
-      meta = tokenizer_lib._read_json(meta_path)
       return (paths.load_npy(files['train'], mmap=True), paths.load_npy(files['val']),
-              dict(meta, cached=True), None)
+              dict(cached, cached=True), None)
     except (OSError, ValueError):
       pass  # unreadable cache: rebuild it
   start = time.time()
@@ -257,7 +258,7 @@ def cached_tokens(tok: tokenizer_lib.Tokenizer, train_docs: Sequence[corpus.Docu
     for split_name, arr in (('train', train_N), ('val', val_N)):
       paths.save_npy(files[split_name], arr)
       failpoints.reach('tokens.write')
-    tokenizer_lib._atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+    paths.write_bytes(meta_path, json.dumps(meta, indent=1).encode())  # all at once
   return train_N, val_N, dict(meta, cached=False), save
 
 
@@ -282,21 +283,9 @@ class DataBundle:
     return validation_text(self.val_docs)
 
 
-def _field(obj: Any, name: str, default: Any = None) -> Any:
-  if obj is None:
-    return default
-  if isinstance(obj, dict):
-    return obj.get(name, default)
-  return getattr(obj, name, default)
-
-
 def _global_batch_size(cfg: Any) -> int | None:
-  train_cfg = _field(cfg, 'train')
-  for name in ('global_batch_size', 'batch_size'):
-    value = _field(train_cfg, name)
-    if value:
-      return int(value)
-  return None
+  value = config_rules.field(config_rules.field(cfg, 'train'), 'batch_size')
+  return int(value) if value else None
 
 
 def build_data(cfg: Any, workdir: str | None, process_index: int = 0, process_count: int = 1, *,
@@ -317,7 +306,8 @@ def build_data(cfg: Any, workdir: str | None, process_index: int = 0, process_co
   batches are global (not sharded); `val_coverage` < 1 means `eval_max_batches` left part of the
   val stream out, and bits/byte from `val_bytes_per_token` is then an estimate.
   """
-  data_cfg = _field(cfg, 'data', None) if _field(cfg, 'source') is None else cfg
+  field = config_rules.field
+  data_cfg = field(cfg, 'data', None) if field(cfg, 'source') is None else cfg
   if data_cfg is None:
     raise ValueError('config has no data section (cfg.data)')
   global_batch_size = global_batch_size or _global_batch_size(cfg)
@@ -325,8 +315,8 @@ def build_data(cfg: Any, workdir: str | None, process_index: int = 0, process_co
     raise ValueError('global batch size unknown: pass global_batch_size= or set '
                      'cfg.train.batch_size')
   if eval_max_batches is None:
-    eval_max_batches = int(_field(_field(cfg, 'train'), 'eval_batches', 0) or 0)
-  seq_len = int(_field(data_cfg, 'seq_len', 0) or 0)
+    eval_max_batches = int(field(field(cfg, 'train'), 'eval_batches', 0) or 0)
+  seq_len = int(field(data_cfg, 'seq_len', 0) or 0)
   if seq_len < 1:
     raise ValueError(f'data.seq_len must be >= 1, got {seq_len}')
 
@@ -342,7 +332,7 @@ def build_data(cfg: Any, workdir: str | None, process_index: int = 0, process_co
               train_tokens=int(len(train_N)), val_tokens=int(len(val_N)),
               tokens_cached=tmeta['cached'])
 
-  seed = int(_field(data_cfg, 'seed', 0) or 0)
+  seed = int(field(data_cfg, 'seed', 0) or 0)
   name = corpus.describe_source(data_cfg)
   train = Batches(train_N, seq_len, global_batch_size, seed, process_index, process_count,
                   name=f'{name} (training split)')
@@ -401,24 +391,3 @@ def _resumed_tokenizer(data_cfg, train_docs, workdir, record: dict, where: str):
       f'{where} was trained with (sha256 {want[:12]}), and the config builds another '
       f'(sha256 {tok.digest[:12]}); restore {workdir}/tokenizer.model or use a new --workdir')
 
-
-def default_data_config():
-  """The default data section (stdlib corpus, BPE 8192); configs may start from it."""
-  import ml_collections  # Lazy: only config construction needs it.
-  cfg = ml_collections.ConfigDict()
-  cfg.source = 'stdlib'
-  cfg.paths = []
-  cfg.text_key = 'text'
-  cfg.tfds_name = ''
-  cfg.tfds_split = 'train'
-  cfg.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
-  cfg.val_fraction = 0.01
-  cfg.max_docs = 0
-  cfg.seq_len = 256
-  cfg.seed = 0
-  cfg.tokenizer = ml_collections.ConfigDict()
-  cfg.tokenizer.vocab_size = 8192
-  cfg.tokenizer.model_type = 'bpe'
-  cfg.tokenizer.path = ''
-  cfg.tokenizer.train_bytes = 8_000_000
-  return cfg

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from model import config_rules
 from train import failpoints, paths
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
@@ -363,12 +364,6 @@ def sample_training_text(docs: Sequence[Any], train_bytes: int) -> list[str]:
   return out
 
 
-def _cfg(obj: Any, field: str, default: Any = None) -> Any:
-  if isinstance(obj, dict):
-    return obj.get(field, default)
-  return getattr(obj, field, default)
-
-
 def get_tokenizer(data_cfg: Any, train_docs: Sequence[Any], workdir: str | None) -> Tokenizer:
   """`resolve_tokenizer`, then writes the workdir's tokenizer files if they changed."""
   tok, save = resolve_tokenizer(data_cfg, train_docs, workdir)
@@ -388,11 +383,11 @@ def resolve_tokenizer(data_cfg: Any, train_docs: Sequence[Any],
   (`tokenizer.model` + `tokenizer.json`) is keyed by a hash of that text and the trainer options;
   a matching key reuses it.
   """
-  tcfg = _cfg(data_cfg, 'tokenizer')
+  tcfg = config_rules.field(data_cfg, 'tokenizer')
   if tcfg is None:
     raise ValueError('data.tokenizer is missing; expected vocab_size, model_type, path, train_bytes')
-  vocab_size = int(_cfg(tcfg, 'vocab_size', 8192))
-  path = _cfg(tcfg, 'path', '') or ''
+  vocab_size = int(config_rules.field(tcfg, 'vocab_size', 8192))
+  path = config_rules.field(tcfg, 'path', '') or ''
   if path:
     tok = load_tokenizer(path)
     if tok.vocab_size > vocab_size:
@@ -403,8 +398,8 @@ def resolve_tokenizer(data_cfg: Any, train_docs: Sequence[Any],
             'vocab_size': tok.vocab_size, 'model_sha256': tok.digest, **kind}
     return tok, _saver(workdir, tok, meta)
 
-  model_type = _cfg(tcfg, 'model_type', 'bpe') or 'bpe'
-  train_bytes = int(_cfg(tcfg, 'train_bytes', 0) or 0)
+  model_type = config_rules.field(tcfg, 'model_type', 'bpe') or 'bpe'
+  train_bytes = int(config_rules.field(tcfg, 'train_bytes', 0) or 0)
   texts = sample_training_text(train_docs, train_bytes)
   h = hashlib.sha256(json.dumps(trainer_options(vocab_size, model_type), sort_keys=True).encode())
   for text in texts:

@@ -19,7 +19,7 @@ from flax import nnx
 from model.inference.kv_cache import DecodeCache
 
 
-def _per_row(value, batch: int, dtype, name: str) -> jax.Array:
+def per_row(value, batch: int, dtype, name: str) -> jax.Array:
   a = jnp.asarray(value, dtype)
   if a.ndim == 0:
     return jnp.broadcast_to(a, (batch,))
@@ -44,9 +44,9 @@ class SamplingParams:
            key: jax.Array | None = None) -> 'SamplingParams':
     """Scalars apply to every row, sequences give one value per row. Keys: `key` split per row
     if given, else jax.random.key(seed[b]) per row."""
-    t = _per_row(temperature, batch, jnp.float32, 'temperature')
-    k = _per_row(top_k, batch, jnp.int32, 'top_k')
-    p = _per_row(top_p, batch, jnp.float32, 'top_p')
+    t = per_row(temperature, batch, jnp.float32, 'temperature')
+    k = per_row(top_k, batch, jnp.int32, 'top_k')
+    p = per_row(top_p, batch, jnp.float32, 'top_p')
     for name, a, ok, want in (('temperature', t, lambda a: a >= 0, '>= 0'),
                               ('top_k', k, lambda a: a >= 0, '>= 0 (0 = off)'),
                               ('top_p', p, lambda a: (a > 0) & (a <= 1), 'in (0, 1]')):
@@ -55,7 +55,7 @@ class SamplingParams:
     if key is not None:
       keys = jax.random.split(key, batch)
     else:
-      keys = jax.vmap(jax.random.key)(_per_row(seed, batch, jnp.uint32, 'seed'))
+      keys = jax.vmap(jax.random.key)(per_row(seed, batch, jnp.uint32, 'seed'))
     return cls(t, k, p, keys)
 
 

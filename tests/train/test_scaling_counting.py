@@ -89,8 +89,6 @@ def test_chinchilla_table3_rows_are_6nd():
 
 
 def test_moe_counts_active_parameters():
-  if not hasattr(ModelConfig, 'active_param_count'):
-    pytest.skip('ModelConfig.active_param_count() (MoE support) is not in this checkout yet')
   cfg = importlib.import_module('configs.mixtral_8x7b').get_config()
   model = ModelConfig.from_dict(cfg.model.to_dict())
   c = counting.param_counts(cfg.model)

@@ -21,19 +21,17 @@ class NextToken(Objective):
   def batch_fields(self):
     return ('tokens', 'segment_ids', 'positions') if self.separate_documents else ('tokens',)
 
-  def loss(self, forward, batch):
-    tokens_BT1 = batch['tokens']
+  def _logits(self, forward, batch):
     kw = {}
     if self.separate_documents:
       kw = dict(segment_ids_BT=batch['segment_ids'], positions_BT=batch['positions'])
-    logits_BTV = forward(tokens_BT1[:, :-1], **kw)
-    return cross_entropy(logits_BTV, tokens_BT1[:, 1:], batch.get('loss_mask'), self.z_loss)
+    return forward(batch['tokens'][:, :-1], **kw)
+
+  def loss(self, forward, batch):
+    return cross_entropy(self._logits(forward, batch), batch['tokens'][:, 1:],
+                         batch.get('loss_mask'), self.z_loss)
 
   def eval_sums(self, forward, batch):
-    tokens_BT1 = batch['tokens']
-    kw = {}
-    if self.separate_documents:
-      kw = dict(segment_ids_BT=batch['segment_ids'], positions_BT=batch['positions'])
-    logits_BTV = forward(tokens_BT1[:, :-1], **kw)
-    _, aux = cross_entropy(logits_BTV, tokens_BT1[:, 1:], batch.get('loss_mask'), 0.0)
+    _, aux = cross_entropy(self._logits(forward, batch), batch['tokens'][:, 1:],
+                           batch.get('loss_mask'), 0.0)
     return {'loss_sum': aux['loss'] * aux['weight'], 'weight': aux['weight']}

@@ -47,18 +47,11 @@ def as_model_config(model: Any) -> ModelConfig:
   return ModelConfig.from_dict(model)
 
 
-def active_param_count(cfg: ModelConfig) -> int:
-  """Active parameters per token: `cfg.active_param_count()` where the config has MoE support,
-  else (older configs without MoE) the dense count."""
-  fn = getattr(cfg, 'active_param_count', None)
-  return int(fn()) if fn is not None else int(cfg.param_count())
-
-
 def param_counts(model: Any) -> ParamCounts:
   cfg = as_model_config(model)
   total = int(cfg.param_count())
   embedding = int(cfg.embedding_param_count())
-  active = active_param_count(cfg)
+  active = int(cfg.active_param_count())
   return ParamCounts(total=total, embedding=embedding, non_embedding=total - embedding,
                      active=active, active_non_embedding=active - embedding)
 
@@ -71,15 +64,13 @@ def attention_flops_per_token(model: Any, seq_len: int) -> float:
 
 
 def training_flops_per_token(model: Any, seq_len: int) -> float:
-  """PaLM App. B: 6·N_active + 12·L·H·Q·T (see the module docstring).
-
-  For a dense model this is exactly `ModelConfig.flops_per_token(seq_len)`; for MoE the experts a
-  token does not visit cost no FLOPs, so only the active parameters count.
+  """PaLM App. B: 6·N_active + 12·L·H·Q·T (see the module docstring): the one formula,
+  `ModelConfig.flops_per_token`, for a ModelConfig, a mapping or `cfg.model`. For MoE the experts
+  a token does not visit cost no FLOPs, so only the active parameters count.
   """
   cfg = as_model_config(model)
-  untied_input_table = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
-  matmul_params = active_param_count(cfg) - untied_input_table
-  return 6.0 * matmul_params + attention_flops_per_token(cfg, seq_len)
+  _check_seq_len(seq_len)
+  return cfg.flops_per_token(seq_len)
 
 
 def deepseek_flops_per_token(model: Any, seq_len: int) -> float:

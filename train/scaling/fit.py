@@ -13,6 +13,7 @@ resampled with replacement (within each budget for approach 2).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -20,6 +21,14 @@ import numpy as np
 from train.scaling import parametric
 
 CI_PERCENTILES = (10.0, 90.0)
+# Published exponents of N_opt ∝ C^a and D_opt ∝ C^b (report.py and plots.py compare against them).
+CHINCHILLA = {'a': 0.50, 'b': 0.50}     # Hoffmann et al. 2022 Table 2 (approaches 1 and 2).
+KAPLAN = {'a': 0.73, 'b': 0.27}         # Kaplan et al. 2020, as quoted in Chinchilla Table 2.
+
+
+def finite(v) -> bool:
+  """Whether `v` is a finite Python number (None, strings and NaN/inf are not)."""
+  return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
 from train import paths  # noqa: E402
-from train.scaling import report  # noqa: E402
+from train.scaling import fit as fit_lib  # noqa: E402
 
 _COLORS = plt.get_cmap('viridis')
 
@@ -32,7 +32,7 @@ def _color(i: int, n: int):
 
 
 def plot_isoflops(rows, fits, path: str) -> str:
-  done = [r for r in rows if r['status'] == 'done' and report._finite(r.get(fits['loss_key']))]
+  done = [r for r in rows if r['status'] == 'done' and fit_lib.finite(r.get(fits['loss_key']))]
   budgets = sorted({r['budget'] for r in done})
   minima = {m['budget']: m for m in fits['approach2'].details['minima']} if 'approach2' in fits else {}
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -90,8 +90,8 @@ def plot_optimal(fits, path: str) -> str:
         mid = np.sqrt(c[0] * c[-1])
         centre = (mid, float(f.n_opt_at(mid) if key == 'n' else f.d_opt_at(mid)))
     if centre:
-      for ref, style in ((report.CHINCHILLA, ':'), (report.KAPLAN, '--')):
-        name = 'Chinchilla' if ref is report.CHINCHILLA else 'Kaplan'
+      for ref, style in ((fit_lib.CHINCHILLA, ':'), (fit_lib.KAPLAN, '--')):
+        name = 'Chinchilla' if ref is fit_lib.CHINCHILLA else 'Kaplan'
         ax.plot(c, centre[1] * (c / centre[0]) ** ref[ref_key], 'k' + style, lw=1,
                 label=f'{name} {ref_key} = {ref[ref_key]:.2f} (slope only)')
     ax.set(xscale='log', yscale='log', xlabel='training FLOPs C', ylabel=label)
@@ -103,7 +103,7 @@ def plot_optimal(fits, path: str) -> str:
 
 def plot_parametric(rows, fits, path: str) -> str:
   p = fits['parametric']
-  done = [r for r in rows if r['status'] == 'done' and report._finite(r.get(fits['loss_key']))]
+  done = [r for r in rows if r['status'] == 'done' and fit_lib.finite(r.get(fits['loss_key']))]
   n = np.array([r['params'] for r in done], float)
   d = np.array([r['tokens'] for r in done], float)
   loss = np.array([r[fits['loss_key']] for r in done], float)

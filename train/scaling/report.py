@@ -19,8 +19,7 @@ import numpy as np
 from train import paths
 from train.scaling import fit as fit_lib
 
-CHINCHILLA = {'a': 0.50, 'b': 0.50}     # Hoffmann et al. 2022 Table 2 (approaches 1 and 2).
-KAPLAN = {'a': 0.73, 'b': 0.27}         # Kaplan et al. 2020, as quoted in Chinchilla Table 2.
+CHINCHILLA, KAPLAN = fit_lib.CHINCHILLA, fit_lib.KAPLAN
 RESULT_COLUMNS = ('name', 'status', 'budget', 'd_model', 'num_layers', 'num_heads', 'params',
                   'non_embedding_params', 'active_params', 'flops_per_token', 'tokens', 'flops',
                   'tokens_per_param', 'steps', 'batch_size', 'seq_len', 'lr', 'train_loss',
@@ -41,7 +40,7 @@ def run_fits(rows: list[dict], curves: list[dict], loss_key: str = 'eval_loss',
              bootstrap: int = 200, seed: int = 0, approach3_starts=None) -> dict[str, Any]:
   """Each approach's ExponentFit (or the reason it could not run) on the finished rows.
   `approach3_starts`: BFGS starts for approach 3 (default Chinchilla's grid)."""
-  done = [r for r in rows if r.get('status') == 'done' and _finite(r.get(loss_key))]
+  done = [r for r in rows if r.get('status') == 'done' and fit_lib.finite(r.get(loss_key))]
   col = {k: np.array([r[k] for r in done], np.float64) for k in
          ('params', 'non_embedding_params', 'tokens', 'flops', 'budget')}
   loss = np.array([r[loss_key] for r in done], np.float64)
@@ -122,10 +121,6 @@ def analyze(rows: list[dict], curves: list[dict], out_dir: str, cfg=None,
   return fits
 
 
-def _finite(v) -> bool:
-  return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
-
-
 def _ci(ci) -> str:
   return f'[{ci[0]:.3f}, {ci[1]:.3f}]' if all(map(math.isfinite, ci)) else '[no interval]'
 
@@ -202,7 +197,7 @@ def render_report(rows, fits, frontier, plot_paths, plot_error=None) -> str:
 
 
 def _fmt(v, spec='.4f') -> str:
-  return format(v, spec) if _finite(v) else '-'
+  return format(v, spec) if fit_lib.finite(v) else '-'
 
 
 def _commentary(rows, fits) -> list[str]:
