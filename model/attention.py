@@ -16,7 +16,7 @@ from model import attention_ops, sharding
 from model.attention_ops.mask import AttentionMask
 from model.config import ModelConfig
 from model.inference.kv_cache import CACHE_NAMES, LayerCache
-from model.layers import RMSNorm, fan_in_init, matmul, param, rope, rope_inv_freq
+from model.layers import RMSNorm, fan_in_init, linear, rope, rope_inv_freq
 
 KVCache = LayerCache  # One layer's {'k', 'v'}: [B, S, K, H] each.
 
@@ -36,10 +36,14 @@ class Attention(nnx.Module):
     self.cfg = cfg
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pdt = jnp.dtype(cfg.param_dtype)
-    self.w_q = param(rngs, fan_in_init([0]), (d, n, h), ('embed', 'heads', 'head_dim'), pdt)
-    self.w_k = param(rngs, fan_in_init([0]), (d, k, h), ('embed', 'kv_heads', 'head_dim'), pdt)
-    self.w_v = param(rngs, fan_in_init([0]), (d, k, h), ('embed', 'kv_heads', 'head_dim'), pdt)
-    self.w_o = param(rngs, fan_in_init([0, 1]), (n, h, d), ('heads', 'head_dim', 'embed'), pdt)
+    self.w_q = linear(rngs, fan_in_init([0]), (d, n, h), ('embed', 'heads', 'head_dim'), pdt,
+                      'btd,dnh->btnh')
+    self.w_k = linear(rngs, fan_in_init([0]), (d, k, h), ('embed', 'kv_heads', 'head_dim'), pdt,
+                      'btd,dkh->btkh')
+    self.w_v = linear(rngs, fan_in_init([0]), (d, k, h), ('embed', 'kv_heads', 'head_dim'), pdt,
+                      'btd,dkh->btkh')
+    self.w_o = linear(rngs, fan_in_init([0, 1]), (n, h, d), ('heads', 'head_dim', 'embed'), pdt,
+                      'btnh,nhd->btd')
     if cfg.qk_norm:
       self.q_norm = RMSNorm(cfg, rngs, dim=h, name='head_dim')
       self.k_norm = RMSNorm(cfg, rngs, dim=h, name='head_dim')
@@ -56,9 +60,9 @@ class Attention(nnx.Module):
                rope_scaled: jax.Array | bool = True, segment_ids_BT: jax.Array | None = None):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
-    q_BTNH = matmul('btd,dnh->btnh', x_BTD, self.w_q[...], dtype)
-    k_BTKH = matmul('btd,dkh->btkh', x_BTD, self.w_k[...], dtype)
-    v_BTKH = matmul('btd,dkh->btkh', x_BTD, self.w_v[...], dtype)
+    q_BTNH = self.w_q.apply(x_BTD, dtype)
+    k_BTKH = self.w_k.apply(x_BTD, dtype)
+    v_BTKH = self.w_v.apply(x_BTD, dtype)
     if cfg.qk_norm:
       q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
     inv_freq_K = rope_inv_freq(cfg.head_dim, cfg.rope_base if rope_base is None else rope_base, cfg,
@@ -90,7 +94,7 @@ class Attention(nnx.Module):
 
     y_BTNH = attention_ops.get(cfg.attention_impl)(q_BTNH, k_BSKH, v_BSKH, mask,
                                                    cfg.attn_softcap)
-    y_BTD = matmul('btnh,nhd->btd', y_BTNH, self.w_o[...], dtype)
+    y_BTD = self.w_o.apply(y_BTNH, dtype)
     return sharding.constrain(y_BTD, ('batch', 'length', 'act_embed')), new_cache
 
 

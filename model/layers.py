@@ -21,6 +21,27 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[str], dtyp
                    eager_sharding=False)
 
 
+class Linear(nnx.Param):
+  """A weight that owns its contraction: its logical axis names (`out_sharding`), the einsum it
+  is applied with (`eq`, metadata that survives split/merge/scan) and the dtype policy (compute
+  in the config dtype, accumulate in float32: `matmul`). Its path is a plain parameter's
+  (`attn/w_q`), so checkpoints, the HF mapping and the sharding rules are unchanged. LoRA wraps
+  `apply` (adds x·A·B) and weight quantization replaces this class (int8 value + scales)."""
+
+  def apply(self, x: jax.Array, dtype) -> jax.Array:
+    return matmul(self.eq, x, self[...], dtype)
+
+
+def linear(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[str], dtype,
+           eq: str) -> Linear:
+  """A `Linear` weight of `shape` with logical axis `names`, applied as `einsum(eq, x, w)`."""
+  if len(shape) != len(names) or len(eq.split('->')[0].split(',')[1]) != len(shape):
+    raise ValueError(f'linear: shape {tuple(shape)}, names {tuple(names)} and einsum {eq!r} '
+                     'disagree on the weight rank')
+  return Linear(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names),
+                eager_sharding=False, eq=eq)
+
+
 def fan_in_init(fan_in_axes: Sequence[int]):
   """N(0, 1/fan_in): PaLM's 'fan-in variance scaling' for kernels (truncated normal)."""
   return nnx.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal',
@@ -70,8 +91,8 @@ class Embedder(nnx.Module):
     self.embedding = param(rngs, nnx.initializers.normal(std), (cfg.vocab_size, cfg.d_model),
                            ('vocab', 'embed'), pdt)
     if not cfg.tie_embeddings:
-      self.unembedding = param(rngs, fan_in_init([0]), (cfg.d_model, cfg.vocab_size),
-                               ('embed', 'vocab'), pdt)
+      self.unembedding = linear(rngs, fan_in_init([0]), (cfg.d_model, cfg.vocab_size),
+                                ('embed', 'vocab'), pdt, 'btd,dv->btv')
 
   def encode(self, tokens_BT: jax.Array) -> jax.Array:
     dtype = jnp.dtype(self.cfg.dtype)
@@ -86,7 +107,7 @@ class Embedder(nnx.Module):
     if self.cfg.tie_embeddings:
       logits_BTV = matmul('btd,vd->btv', x_BTD, self.embedding[...], dtype)
     else:
-      logits_BTV = matmul('btd,dv->btv', x_BTD, self.unembedding[...], dtype)
+      logits_BTV = self.unembedding.apply(x_BTD, dtype)
     logits_BTV = logits_BTV.astype(jnp.float32)
     if self.cfg.logit_softcap:
       cap = self.cfg.logit_softcap
@@ -145,15 +166,16 @@ class MLP(nnx.Module):
     self.cfg = cfg
     pdt = jnp.dtype(cfg.param_dtype)
     shape_in = (cfg.d_model, cfg.mlp_dim)
-    self.w_gate = param(rngs, fan_in_init([0]), shape_in, ('embed', 'mlp'), pdt)
+    self.w_gate = linear(rngs, fan_in_init([0]), shape_in, ('embed', 'mlp'), pdt, 'btd,df->btf')
     if cfg.gated:
-      self.w_up = param(rngs, fan_in_init([0]), shape_in, ('embed', 'mlp'), pdt)
-    self.w_down = param(rngs, fan_in_init([0]), (cfg.mlp_dim, cfg.d_model), ('mlp', 'embed'), pdt)
+      self.w_up = linear(rngs, fan_in_init([0]), shape_in, ('embed', 'mlp'), pdt, 'btd,df->btf')
+    self.w_down = linear(rngs, fan_in_init([0]), (cfg.mlp_dim, cfg.d_model), ('mlp', 'embed'), pdt,
+                         'btf,fd->btd')
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     dtype = jnp.dtype(self.cfg.dtype)
-    h_BTF = ACTIVATION_FNS[self.cfg.activation](matmul('btd,df->btf', x_BTD, self.w_gate[...], dtype))
+    h_BTF = ACTIVATION_FNS[self.cfg.activation](self.w_gate.apply(x_BTD, dtype))
     if self.cfg.gated:
-      h_BTF = h_BTF * matmul('btd,df->btf', x_BTD, self.w_up[...], dtype)
+      h_BTF = h_BTF * self.w_up.apply(x_BTD, dtype)
     h_BTF = sharding.constrain(h_BTF, ('batch', 'length', 'act_mlp'))
-    return matmul('btf,fd->btd', h_BTF, self.w_down[...], dtype)
+    return self.w_down.apply(h_BTF, dtype)

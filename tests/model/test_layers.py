@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from model import layers
@@ -76,3 +77,28 @@ def test_gemma_norm_offset_starts_at_unit_gain():
   assert float(jnp.abs(gemma.scale[...]).max()) == 0.0
   x = jax.random.normal(jax.random.key(0), (2, 3, 32))
   np.testing.assert_allclose(gemma(x), plain(x), rtol=1e-6)
+
+
+def test_every_projection_is_one_linear_class_with_its_contraction():
+  # Issue 11 item 4: LoRA and quantization wrap or replace this one class.
+  from model import transformer
+  from model.layers import Linear, linear
+  model = transformer.Decoder(tiny_model_config(tie_embeddings=False), nnx.Rngs(params=0))
+  found = {jax.tree_util.keystr(p).split("'")[-2]: v.eq for p, v in
+           jax.tree_util.tree_flatten_with_path(nnx.state(model, Linear),
+                                                is_leaf=lambda x: isinstance(x, nnx.Variable))[0]}
+  assert found == {'w_q': 'btd,dnh->btnh', 'w_k': 'btd,dkh->btkh', 'w_v': 'btd,dkh->btkh',
+                   'w_o': 'btnh,nhd->btd', 'w_gate': 'btd,df->btf', 'w_up': 'btd,df->btf',
+                   'w_down': 'btf,fd->btd', 'unembedding': 'btd,dv->btv'}
+  # Paths are a plain parameter's: the checkpoint layout does not change.
+  paths = {jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_flatten_with_path(nnx.state(model).to_pure_dict())[0]}
+  assert "['stack0']['block0']['attn']['w_q']" in paths
+  # The metadata survives split/merge into a jitted function (as in every step).
+  graphdef, params = nnx.split(model)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  out = jax.jit(lambda p: nnx.merge(graphdef, p)(tokens)[0])(params.to_pure_dict())
+  assert out.shape == (1, 4, 61)
+  with pytest.raises(ValueError, match='disagree on the weight rank'):
+    linear(nnx.Rngs(0), jax.nn.initializers.zeros, (2, 3), ('embed', 'mlp'), jnp.float32,
+           'btd,dnh->btnh')
