@@ -85,12 +85,12 @@ def analyze(cfg, devices=None) -> dict:
   trainer.check_config(cfg, model_cfg, mesh, rules, pipe)  # Clear errors before compiling.
 
   tx, schedule = optim.make_optimizer(t, t.steps)
-  spec = state_lib.make_state_spec(model_cfg, tx, mesh, rules)
+  spec = state_lib.make_state_spec(model_cfg, tx, mesh, rules, t.get('trainable', ''))
   batch_sh = NamedSharding(mesh, sharding.logical_to_spec(('batch', None), rules,
                                                           (t.batch_size, 1), mesh))
   batch = jax.ShapeDtypeStruct((t.batch_size, cfg.data.seq_len + 1), jnp.int32, sharding=batch_sh)
   step = jax.jit(step_lib.make_train_step(spec.graphdef, tx, schedule, grad_accum=t.grad_accum,
-                                          z_loss=t.z_loss),
+                                          z_loss=t.z_loss, trainable_mask=spec.trainable_mask),
                  in_shardings=(spec.state_shardings, batch_sh),
                  out_shardings=(spec.state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
   with sharding.use_mesh(mesh, rules), pipeline.use_pipeline(pipe):

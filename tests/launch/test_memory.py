@@ -111,3 +111,13 @@ def test_tpu_topology_compiles_without_a_tpu():
   r = memory.analyze(_cfg(preset='fsdp'), devices)
   assert r['platform'] == 'tpu' and r['devices'] == 8
   assert r['temp'] > 0 and r['params'] == memory.analyze(_cfg(preset='fsdp'))['params']
+
+
+def test_frozen_parameters_have_no_optimizer_state():
+  # train.trainable selects the attention query weights: Adam's moments exist for them alone.
+  cfg = _cfg(preset='data')
+  cfg.train.trainable = r'attn/w_q$'
+  frozen, full = memory.analyze(cfg), _analyze('data')
+  w_q = cfg.model.num_layers * cfg.model.d_model * cfg.model.num_heads * cfg.model.head_dim
+  assert frozen['params'] == full['params']
+  assert 8 * w_q <= frozen['opt_state'] <= 8 * w_q + 64 < full['opt_state']
