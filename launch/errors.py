@@ -46,12 +46,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
   return (*(c for c in found if c is not None), ValueError, OSError)
 
 
-def __getattr__(name: str):
-  if name == 'USER_ERRORS':   # `from launch.errors import USER_ERRORS` of older callers, lazily.
-    return user_errors()
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
-
 def run(main, argv: list[str] | None = None, flags_parser=None) -> None:
   """`absl.app.run(main)` inside `boundary()`; flags go through `parse_flags` unless given.
   SystemExit passes through untouched, so --help, --helpfull and flag errors behave as absl's."""
@@ -69,11 +63,6 @@ def boundary():
     _exit_interrupted()
   except Exception as e:  # noqa: BLE001 - this is the one place that decides how a CLI ends.
     _exit_error(e)
-
-
-def fail(e: BaseException) -> None:
-  """`except USER_ERRORS as e: fail(e)` of older callers: the boundary's ending for `e`."""
-  _exit_error(e)
 
 
 def _exit_interrupted() -> None:
