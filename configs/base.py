@@ -42,8 +42,15 @@ def get_base() -> ml_collections.ConfigDict:
 
   cfg.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=16, grad_accum=1,
+      # adamw, or muon: Muon (Jordan et al. 2024) on the hidden matrices at muon_lr, AdamW at
+      # lr on embeddings, output projection and norms.
+      optimizer='adamw', muon_lr=0.02,
       lr=3e-3, warmup_steps=100, lr_end_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.1, clip_norm=1.0, z_loss=1e-4,
+      # 0: the output projection writes float32 [B, T, V] logits (fastest on XLA:CPU); N > 0:
+      # a fused projection + cross-entropy over chunks of about N tokens that never holds them
+      # (train/loss.py; memory for long sequences and large vocabularies).
+      loss_chunk_tokens=0,
       log_every=10, eval_every=200, eval_batches=16,
       checkpoint_every=200, keep_checkpoints=3, async_checkpoints=True,
       nan_policy='stop',      # stop | skip

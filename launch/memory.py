@@ -2,6 +2,8 @@
 
   python -m launch.memory --config=configs/palm_8b.py --devices=256 [--config.mesh.fsdp=-1 ...]
   python -m launch.memory --config=configs/palm_8b.py --topology=v5p:4x4x8   # v5p-256, needs libtpu
+  python -m launch.memory --config=configs/tiny.py --devices=1 --seq_lens=2048,8192,32768 \
+      --config.model.attention_impl=flash   # temp bytes by training length: linear vs quadratic
 
 Nothing is allocated: the train state is abstract (ShapeDtypeStructs carrying their shardings),
 and the jitted step is lowered and compiled ahead of time. Parameter and optimizer bytes per
@@ -33,7 +35,10 @@ def _define_flags() -> dict:
            devices=flags.DEFINE_integer('devices', 8, 'Simulated CPU devices (ignored with '
                                         '--topology).'),
            topology=flags.DEFINE_string('topology', None, 'TPU topology for compile-only devices, '
-                                        'e.g. v5p:4x4x8 (needs libtpu).'))
+                                        'e.g. v5p:4x4x8 (needs libtpu).'),
+           seq_lens=flags.DEFINE_list('seq_lens', None, 'Compile at each of these training '
+                                      'lengths (config.data.seq_len) and print a table of temp '
+                                      'bytes, e.g. 2048,8192,32768.'))
   flags.mark_flag_as_required('config')
   return f
 
@@ -84,7 +89,7 @@ def analyze(cfg, devices=None) -> dict:
   pipe = pipeline.PipelineConfig.from_config(cfg.get('pipeline'), mesh.shape['pipeline'])
   trainer.check_config(cfg, model_cfg, mesh, rules, pipe)  # Clear errors before compiling.
 
-  tx, schedule = optim.make_optimizer(t, t.steps)
+  tx, schedule = optim.make_optimizer(t, t.steps, model_cfg)
   spec = state_lib.make_state_spec(model_cfg, tx, mesh, rules, t.get('trainable', ''))
   batch_sh = NamedSharding(mesh, sharding.logical_to_spec(('batch', None), rules,
                                                           (t.batch_size, 1), mesh))
@@ -107,11 +112,44 @@ def analyze(cfg, devices=None) -> dict:
       param_count=model_cfg.param_count(),
       flops=float(cost.get('flops', float('nan'))) if cost else float('nan'),
       model_flops=model_cfg.flops_per_token(cfg.data.seq_len) * t.batch_size * cfg.data.seq_len / n,
-      bubble_fraction=pipe.bubble_fraction if pipe.enabled else 0.0)
+      bubble_fraction=pipe.bubble_fraction if pipe.enabled else 0.0,
+      attention_impl=model_cfg.attention_impl, seq_len=cfg.data.seq_len,
+      batch_per_device=t.batch_size / n)
   for k in ('argument', 'output', 'alias', 'temp', 'generated_code'):
     out[k] = int(getattr(mem, f'{k}_size_in_bytes', 0)) if mem is not None else -1
   out['peak'] = out['argument'] + out['output'] - out['alias'] + out['temp']
   return out
+
+
+def analyze_seq_lens(cfg, seq_lens, devices=None) -> list[dict]:
+  """`analyze` at each training length T (config.data.seq_len = T, config.model.max_seq_len
+  raised to T where needed): how activation/temporary memory grows with T for the config's
+  attention_impl ('flash': linearly; 'xla' materialises T x T logits: quadratically)."""
+  rows = []
+  for t in seq_lens:
+    c = cfg.copy_and_resolve_references()
+    c.data.seq_len = int(t)
+    c.model.max_seq_len = max(c.model.max_seq_len, int(t))
+    rows.append(analyze(c, devices))
+  return rows
+
+
+def seq_len_report(rows: list[dict]) -> str:
+  """A table of per-device temp and peak bytes by sequence length (from `analyze_seq_lens`)."""
+  r0 = rows[0]
+  lines = [f'attention_impl={r0["attention_impl"]!r}, {r0["devices"]} x {r0["device_kind"]} '
+           f'({r0["platform"]}), {r0["batch_per_device"]:g} rows per device; per device:',
+           f'{"seq_len":>8} {"temp":>14} {"peak":>14} {"temp/token":>12} {"temp x":>7} '
+           f'{"T x":>5}']
+  for r in rows:
+    lines.append(f'{r["seq_len"]:>8} {_size(r["temp"])} {_size(r["peak"])} '
+                 f'{r["temp"] / r["seq_len"] / 1024:>8.1f} KiB {r["temp"] / r0["temp"]:>7.1f} '
+                 f'{r["seq_len"] / r0["seq_len"]:>5g}')
+  lines.append('temp = activations, gradients and workspace of one training step; temp x grows '
+               'like T x when attention memory is linear in T, like (T x)^2 when quadratic.')
+  if r0['platform'] == 'cpu':
+    lines.append("note: XLA:CPU's buffer assignment (an estimate of XLA:TPU's).")
+  return '\n'.join(lines)
 
 
 def _size(b: float) -> str:
@@ -165,7 +203,10 @@ def main(argv, fl: dict):
     if len(devices) != fl['devices'].value:
       raise ValueError(f'asked for --devices={fl["devices"].value} simulated devices, the CPU '
                        f'backend has {len(devices)}')
-  print(report(analyze(fl['config'].value, devices)))
+  if fl['seq_lens'].value:
+    print(seq_len_report(analyze_seq_lens(fl['config'].value, fl['seq_lens'].value, devices)))
+  else:
+    print(report(analyze(fl['config'].value, devices)))
 
 
 if __name__ == '__main__':

@@ -54,6 +54,7 @@ class Attention(nnx.Module):
     cfg = self.cfg
     return LayerCache.zeros(batch, size, cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
 
+  @jax.named_scope('attention')
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
                cache: LayerCache | None = None, index: jax.Array | int = 0,
                window: jax.Array | int = 0, rope_base: jax.Array | float | None = None,

@@ -109,7 +109,7 @@ MODEL_RULES = {
     'rope_scaling': choice(ROPE_SCALINGS), 'rope_scaling_factor': number(gt=0),
     'rope_low_freq_factor': number(gt=0), 'rope_high_freq_factor': number(gt=0),
     'rope_original_max_len': positive_int(), 'max_seq_len': positive_int(),
-    'remat': choice(REMAT_POLICIES), 'attention_impl': choice(ATTENTION_BACKENDS),
+    'remat': choice(REMAT_POLICIES), 'scan_layers': BOOL, 'attention_impl': choice(ATTENTION_BACKENDS),
     'dtype': choice(DTYPES), 'param_dtype': choice(DTYPES),
     # A mapping of MoEConfig fields (MOE_RULES) turned into a MoEConfig by from_dict; None = dense.
     'moe': Rule('section', none_ok=True, note='MoE settings; None = all dense'),
@@ -152,6 +152,7 @@ class ModelConfig:
   rope_original_max_len: int = 8192
   max_seq_len: int = 2048        # Longest context the model is used with (KV cache size cap).
   remat: str = 'none'            # none | full | dots (save matmul outputs only).
+  scan_layers: bool = True       # False: unroll the layer scan (compile time grows with depth).
   # Attention backend (model/attention_ops): xla (reference) | flash (blockwise, pure JAX) |
   # cudnn (GPU only). Changes how attention is computed, never what.
   attention_impl: str = 'xla'

@@ -94,6 +94,7 @@ class Embedder(nnx.Module):
       self.unembedding = linear(rngs, fan_in_init([0]), (cfg.d_model, cfg.vocab_size),
                                 ('embed', 'vocab'), pdt, 'btd,dv->btv')
 
+  @jax.named_scope('embed')
   def encode(self, tokens_BT: jax.Array) -> jax.Array:
     dtype = jnp.dtype(self.cfg.dtype)
     x_BTD = jnp.take(self.embedding[...], tokens_BT, axis=0).astype(dtype)
@@ -101,6 +102,14 @@ class Embedder(nnx.Module):
       x_BTD = x_BTD * jnp.asarray(self.cfg.d_model ** 0.5, dtype)
     return sharding.constrain(x_BTD, ('batch', 'length', 'act_embed'))
 
+  def head(self) -> tuple[jax.Array, float]:
+    """(output weight as [V, D], logit soft-cap): what `decode` multiplies and caps, for the
+    fused cross-entropy (train/loss.py) that never materialises the logits."""
+    if self.cfg.tie_embeddings:
+      return self.embedding[...], self.cfg.logit_softcap
+    return self.unembedding[...].T, self.cfg.logit_softcap
+
+  @jax.named_scope('head_loss')
   def decode(self, x_BTD: jax.Array) -> jax.Array:
     """[B, T, D] -> float32 logits [B, T, V]."""
     dtype = jnp.dtype(self.cfg.dtype)
@@ -172,6 +181,7 @@ class MLP(nnx.Module):
     self.w_down = linear(rngs, fan_in_init([0]), (cfg.mlp_dim, cfg.d_model), ('mlp', 'embed'), pdt,
                          'btf,fd->btd')
 
+  @jax.named_scope('mlp')
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     dtype = jnp.dtype(self.cfg.dtype)
     h_BTF = ACTIVATION_FNS[self.cfg.activation](self.w_gate.apply(x_BTD, dtype))

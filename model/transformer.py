@@ -1,7 +1,8 @@
 """The decoder: embed -> scanned stack of blocks -> final RMSNorm -> logits.
 
 Layers are created stacked (leading `layers` axis) and applied with `nnx.scan`, so compile time
-does not grow with depth. Shapes: B batch, T length, D d_model, V vocab, L layers, S cache size, R repeats of a
+does not grow with depth; `scan_layers=False` unrolls that scan (same parameters), which is
+faster for a few small layers on CPU (no dynamic slices of the stacked activations). Shapes: B batch, T length, D d_model, V vocab, L layers, S cache size, R repeats of a
 scanned unit, U blocks per unit, E experts.
 """
 from __future__ import annotations
@@ -135,8 +136,9 @@ class Decoder(nnx.Module):
 
   def forward(self, tokens_BT: jax.Array, cache: DecodeCache | None = None,
               index: jax.Array | int | None = None, *, segment_ids_BT: jax.Array | None = None,
-              positions_BT: jax.Array | None = None):
-    """-> (logits_BTV, cache, aux). aux mirrors the layer structure, {'stack1': {'block0':
+              positions_BT: jax.Array | None = None, hidden: bool = False):
+    """-> (logits_BTV, cache, aux); with `hidden`, the final-normed hidden states x_BTD instead
+    of logits (for a fused output projection + loss, `embedder.head()`). aux mirrors the layer structure, {'stack1': {'block0':
     {...}}}, holding each MoE layer's stats stacked [R, ...] (see `model.moe.MoE`).
 
     `segment_ids_BT` (int, no cache): a query sees only keys of its own segment, so packed
@@ -165,7 +167,8 @@ class Decoder(nnx.Module):
       if cfg.remat != 'none':
         body = nnx.remat(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
       # A None cache has no leaves, so axis 0 is harmless in the training forward.
-      return nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
+      return nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0, 0, 0), out_axes=(nnx.Carry, 0, 0),
+                      unroll=not cfg.scan_layers)
 
     scan = make_scan(positions_BT)
     # Pipeline parallelism (model/pipeline.py) when the trainer turns it on; decoding with a
@@ -200,7 +203,8 @@ class Decoder(nnx.Module):
       new_cache[name] = stack_cache
       if any(stack_aux.values()):
         aux[name] = {p: a for p, a in stack_aux.items() if a}
-    logits_BTV = self.embedder.decode(self.final_norm(x_BTD))
+    x_BTD = self.final_norm(x_BTD)
+    logits_BTV = x_BTD if hidden else self.embedder.decode(x_BTD)
     if cache is not None:
       new_cache = DecodeCache(new_cache, index_B + t)
     return logits_BTV, (None if cache is None else new_cache), aux

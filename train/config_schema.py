@@ -48,6 +48,7 @@ TRAIN_RULES = {
     # 0 leaves the parameters as they start (tests/launch/test_convert.py trains at lr 0 to show
     # that init_from loads the converted weights exactly); below 0 is gradient ascent.
     'lr': number(ge=0),
+    'optimizer': choice(('adamw', 'muon')), 'muon_lr': number(ge=0),
     'warmup_steps': nonneg_int(),
     'lr_end_fraction': number(ge=0, le=1),
     'b1': number(ge=0, lt=1),
@@ -56,6 +57,7 @@ TRAIN_RULES = {
     'weight_decay': number(ge=0),
     'clip_norm': number(ge=0, note='0 = no clipping'),
     'z_loss': number(ge=0, note='0 = off'),
+    'loss_chunk_tokens': nonneg_int('0 = materialised logits'),
     'log_every': positive_int(),   # The trainer logs at step % log_every == 0.
     'eval_every': nonneg_int('0 = only at the end'),
     'eval_batches': nonneg_int('0 = the whole validation split'),

@@ -99,7 +99,7 @@ def build(cfg, workdir: str, log=print) -> Run:
   objective = objectives.get(t.objective)(cfg)
   batch_sh = NamedSharding(mesh, sharding.logical_to_spec(('batch', None), rules,
                                                           (t.batch_size, 1), mesh))
-  tx, _ = optim.make_optimizer(t, t.steps)   # The state's structure; the schedule comes below.
+  tx, _ = optim.make_optimizer(t, t.steps, model_cfg)  # The state structure; schedule below.
   spec = state_lib.make_state_spec(model_cfg, tx, mesh, rules, t.get('trainable', ''))
   ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints,
                                log=log)
@@ -123,7 +123,7 @@ def build(cfg, workdir: str, log=print) -> Run:
   # A run with nothing left to train has no schedule to talk about.
   quiet = record is not None and int(jax.device_get(state['step'])) >= t.steps
   total = resume.schedule_steps(cfg, record, (lambda *_: None) if quiet else log)
-  tx, schedule = optim.make_optimizer(t, total)
+  tx, schedule = optim.make_optimizer(t, total, model_cfg)
   if record is not None:
     data.train.restore(record['data'])
   else:

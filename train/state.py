@@ -53,10 +53,9 @@ def make_state_spec(model_cfg: ModelConfig, tx: optax.GradientTransformation, me
   replicated = NamedSharding(mesh, P())
   # The optimizer sees only the trainable parameters: frozen ones get no Adam moments.
   abs_opt = jax.eval_shape(tx.init, trainable.split(abs_params, mask)[0])
-  # Optimizer slots (Adam mu/nu) mirror the params and take their shardings.
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, trainable.split(p_sh, mask)[0],
-                                 transform_non_params=lambda _: replicated,
-                                 is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  # Optimizer slots (Adam mu/nu, Muon momentum) mirror the params and take their shardings.
+  opt_sh = slot_shardings(abs_opt, trainable.split(abs_params, mask)[0],
+                          trainable.split(p_sh, mask)[0], replicated)
   state_sh = {'params': p_sh, 'opt_state': opt_sh, 'step': replicated, 'rng': replicated}
   abs_state = {'params': abs_params, 'opt_state': abs_opt,
                'step': jax.ShapeDtypeStruct((), jnp.int32),
@@ -64,6 +63,25 @@ def make_state_spec(model_cfg: ModelConfig, tx: optax.GradientTransformation, me
   abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            abs_state, state_sh)
   return StateSpec(graphdef, abs_params, p_sh, state_sh, abs_state, mask)
+
+
+def slot_shardings(abs_opt, abs_params, p_sh, default):
+  """Each optimizer-state leaf whose dict-key path ends with a parameter's path and has its shape
+  takes that parameter's sharding (any optax state: the slots nest the params' dicts inside
+  tuples and masks); everything else (counts, masked-out nodes) gets `default`."""
+  keys = lambda path: tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+  params = {keys(path): (a.shape, sh) for (path, a), sh in zip(
+      jax.tree_util.tree_flatten_with_path(abs_params)[0], jax.tree.leaves(p_sh))}
+
+  def one(path, leaf):
+    k = keys(path)
+    for i in range(len(k)):
+      hit = params.get(k[i:])
+      if hit is not None and hit[0] == getattr(leaf, 'shape', None):
+        return hit[1]
+    return default
+
+  return jax.tree_util.tree_map_with_path(one, abs_opt)
 
 
 def init_state(spec: StateSpec, model_cfg: ModelConfig, tx: optax.GradientTransformation,

@@ -14,7 +14,7 @@ from flax import nnx
 
 from model import moe as moe_lib
 from model.transformer import moe_layer_stats
-from train import trainable
+from train import loss as loss_lib, trainable
 from train.objectives.lm import NextToken
 
 
@@ -24,20 +24,39 @@ def make_objective_loss(graphdef, objective) -> Callable:
   forward the objective runs; aux holds the objective's metrics and, under 'moe', the first
   forward's per-layer MoE stats in the layer structure (for the router-bias update)."""
   def loss_fn(params, batch):
-    model = nnx.merge(graphdef, params)
-    moe_auxes = []
-
-    def forward(tokens_BT, **kw):
-      logits_BTV, _, moe_aux = model.forward(tokens_BT, **kw)
-      moe_auxes.append(moe_aux)
-      return logits_BTV
-
+    forward = ModelForward(nnx.merge(graphdef, params))
     total, aux = objective.loss(forward, batch)
+    moe_auxes = forward.moe_auxes
     for moe_aux in moe_auxes:
       for stats in _moe_leaves(moe_aux):
         total = total + jnp.sum(stats['aux_loss']) + jnp.sum(stats['router_z_loss'])
     return total, dict(aux, moe=moe_auxes[0] if moe_auxes else {})
   return loss_fn
+
+
+class ModelForward:
+  """What objectives call (train/objectives/base.py): `forward(tokens_BT, **kw) -> logits_BTV`,
+  or `forward.cross_entropy(tokens_BT, targets_BT, weights_BT, z_loss, **kw)`, the model's
+  forward fused with next-token cross-entropy (train/loss.py: no [B, T, V] logits, gradients
+  computed in the forward pass). Collects every call's MoE stats in `moe_auxes`."""
+
+  def __init__(self, model):
+    self.model = model
+    self.moe_auxes = []
+
+  def __call__(self, tokens_BT, **kw):
+    logits_BTV, _, moe_aux = self.model.forward(tokens_BT, **kw)
+    self.moe_auxes.append(moe_aux)
+    return logits_BTV
+
+  def cross_entropy(self, tokens_BT, targets_BT, weights_BT=None, z_loss: float = 0.0, *,
+                    chunk_tokens: int = 2048, **kw):
+    x_BTD, _, moe_aux = self.model.forward(tokens_BT, hidden=True, **kw)
+    self.moe_auxes.append(moe_aux)
+    w_VD, softcap = self.model.embedder.head()
+    with jax.named_scope('head_loss'):
+      return loss_lib.fused_cross_entropy(x_BTD, w_VD, targets_BT, weights_BT, z_loss, softcap,
+                                        self.model.cfg.dtype, chunk_tokens)
 
 
 def make_loss_fn(graphdef, z_loss: float) -> Callable:
@@ -104,28 +123,36 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     model_cfg = nnx.merge(graphdef, params).cfg
     bias_update_rate = model_cfg.moe.bias_update_rate if model_cfg.moe else 0.0
     b = batch['tokens'].shape[0]
-    micro = jax.tree.map(lambda x: x.reshape(grad_accum, b // grad_accum, *x.shape[1:]), batch)
-    # The aux structure (objective metrics, MoE stats), to accumulate over microbatches.
-    aux_shape = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], micro))[1]
+    if grad_accum == 1:  # No accumulation scan: it costs copies of its carry on one device.
+      (_, aux), grads = grad_fn(train_params, frozen_params, batch)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(grad_accum, b // grad_accum, *x.shape[1:]), batch)
+      # The aux structure (objective metrics, MoE stats), to accumulate over microbatches.
+      aux_shape = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], micro))[1]
 
-    def accumulate(carry, one):
-      (_, aux), g = grad_fn(train_params, frozen_params, one)
-      return jax.tree.map(jnp.add, carry, (g, aux)), None
+      def accumulate(carry, one):
+        (_, aux), g = grad_fn(train_params, frozen_params, one)
+        return jax.tree.map(jnp.add, carry, (g, aux)), None
 
-    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (train_params, aux_shape))
-    (g_sum, aux_sum), _ = jax.lax.scan(accumulate, zeros, micro)
-    grads, aux = jax.tree.map(lambda x: x / grad_accum, (g_sum, aux_sum))
+      zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (train_params, aux_shape))
+      (g_sum, aux_sum), _ = jax.lax.scan(accumulate, zeros, micro)
+      grads, aux = jax.tree.map(lambda x: x / grad_accum, (g_sum, aux_sum))
     loss = aux['loss']
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    updates, new_opt_state = tx.update(grads, state['opt_state'], train_params)
-    new_params = trainable.merge(optax.apply_updates(train_params, updates), frozen_params)
-    new_params = update_router_biases(new_params, aux['moe'], bias_update_rate)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    @jax.named_scope('optimizer')
+    def apply(_):
+      updates, new_opt_state = tx.update(grads, state['opt_state'], train_params)
+      new_params = trainable.merge(optax.apply_updates(train_params, updates), frozen_params)
+      return update_router_biases(new_params, aux['moe'], bias_update_rate), new_opt_state
+
+    # A conditional, not a select over every parameter and slot: the skipped branch costs nothing.
+    new_params, new_opt_state = jax.lax.cond(finite, apply, lambda _: (params, state['opt_state']),
+                                             None)
     new_state = {
-        'params': keep(new_params, params),
-        'opt_state': keep(new_opt_state, state['opt_state']),
+        'params': new_params,
+        'opt_state': new_opt_state,
         'step': state['step'] + 1,
         'rng': state['rng'],
     }
@@ -146,7 +173,6 @@ def make_eval_step(graphdef, objective=None) -> Callable:
   def eval_step(params, batch, weights_BT=None):
     if not isinstance(batch, dict):
       batch = {'tokens': batch, 'loss_mask': weights_BT}
-    model = nnx.merge(graphdef, params)
-    return objective.eval_sums(lambda tokens_BT, **kw: model.forward(tokens_BT, **kw)[0], batch)
+    return objective.eval_sums(ModelForward(nnx.merge(graphdef, params)), batch)
 
   return eval_step

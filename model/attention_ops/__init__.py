@@ -6,14 +6,15 @@ TPU flash / splash / ragged-paged kernel) is one new file here plus one line in 
 """
 from __future__ import annotations
 
-from model.attention_ops import cudnn, flash, xla
+from model.attention_ops import cudnn, flash, splash, xla
 from model.attention_ops.mask import MASK_VALUE, AttentionMask, causal
 
 __all__ = ['BACKENDS', 'MASK_VALUE', 'AttentionMask', 'causal', 'get']
 
 BACKENDS = {
     'xla': xla.attend,      # reference einsum-softmax (materialises T x S)
-    'flash': flash.attend,  # blockwise online softmax, pure JAX (memory linear in S)
+    'flash': flash.attend,  # FlashAttention-2 in pure JAX, own VJP (memory linear in T and S)
+    'splash': splash.attend,  # Pallas TPU splash kernel (jax's); KV cache etc. run 'flash'
     'cudnn': cudnn.attend,  # jax.nn.dot_product_attention(implementation='cudnn'); GPU only
 }
 

@@ -66,6 +66,20 @@ def test_report_names_every_figure():
     assert what in text, what
 
 
+@pytest.mark.parametrize('impl, lo, hi', [('flash', 3.0, 5.0), ('xla', 8.0, 20.0)])
+def test_temp_bytes_grow_linearly_in_seq_len_with_flash_quadratically_with_xla(impl, lo, hi):
+  # One layer, one row on one device, compile only: temp bytes at 4T over temp bytes at T.
+  import jax
+  cfg = _cfg(preset='data')
+  cfg.model.update(num_layers=1, attention_impl=impl)
+  cfg.train.batch_size = 1
+  short, long = memory.analyze_seq_lens(cfg, [256, 1024], jax.devices()[:1])
+  assert (short['seq_len'], long['seq_len']) == (256, 1024)
+  assert lo < long['temp'] / short['temp'] < hi
+  text = memory.seq_len_report([short, long])
+  assert f'attention_impl={impl!r}' in text and '    1024 ' in text
+
+
 @pytest.mark.slow
 def test_pipelined_step_compiles_and_reports_its_bubble():
   r = memory.analyze(_cfg(preset='fsdp', pipeline=2))

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,3 +126,21 @@ def test_cache_is_made_by_the_layers_with_logical_names():
   assert names.layers['stack0']['block0'].k == ('layers', 'batch', 'cache_length', 'act_kv_heads',
                                                 None)
   assert cache.lengths_B.shape == (2,)
+
+
+def test_unrolled_layers_equal_the_scanned_stack():
+  """scan_layers=False unrolls the same stacked parameters: same logits and gradients."""
+  import numpy as np
+  cfg = tiny_model_config(num_layers=3)
+  model = transformer.build(cfg)
+  graphdef, params = nnx.split(model)
+  unrolled = nnx.graphdef(transformer.build(dataclasses.replace(cfg, scan_layers=False)))
+  tokens = random_tokens(0, (2, 9), cfg.vocab_size)
+
+  def loss(g, p):
+    return jnp.sum(jnp.tanh(nnx.merge(g, p)(tokens)[0]))
+
+  a, ga = jax.value_and_grad(lambda p: loss(graphdef, p))(params)
+  b, gb = jax.value_and_grad(lambda p: loss(unrolled, p))(params)
+  np.testing.assert_allclose(b, a, rtol=1e-6)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), gb, ga)

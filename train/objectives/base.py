@@ -5,7 +5,9 @@
     sums = objective.eval_sums(forward, batch)          # {'loss_sum', 'weight', ...}
 
 `forward(tokens_BT, segment_ids_BT=None, positions_BT=None) -> logits_BTV` is the model's full
-forward; the train step wraps it so that the MoE balance and router z-losses of every call are
+forward, and `forward.cross_entropy(tokens_BT, targets_BT, weights_BT, z_loss, **kw)` the same
+forward fused with next-token cross-entropy (train/loss.py; the fast path for anything that is a
+weighted next-token loss: no [B, T, V] logits); the train step wraps it so that the MoE balance and router z-losses of every call are
 added to the objective's loss (every objective gets them without asking). A batch is a dict of
 arrays with a leading batch axis, holding at least the fields the objective lists in `fields`:
 
