@@ -1,7 +1,6 @@
 """The benchmark's bare-JAX step is the same model as palmax: equal losses and updates on the
 same weights, so `launch.bench`'s ratio compares implementations, not models."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -1,13 +1,10 @@
 """Muon on the hidden matrices (dimension numbers from each Linear's einsum), AdamW elsewhere;
 its state is sharded like the parameters; a model learns with it."""
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from flax import nnx
 from optax.contrib import MuonDimensionNumbers
 
-from model import sharding, transformer
+from model import sharding
 from tests.conftest import tiny_model_config
 from train import optim, state as state_lib, step as step_lib
 
