@@ -93,6 +93,10 @@ class MoEConfig:
             self.top_k * per_expert + shared + router)
 
 
+# Fields that choose how the model is computed, not what it computes: a resume or a checkpoint
+# reader may change them.
+HOW_NOT_WHAT = ('attention_impl', 'scan_layers')
+
 # Every ModelConfig field's type and range, in field order; cross-field checks are in validate().
 MODEL_RULES = {
     'vocab_size': positive_int(), 'd_model': positive_int(), 'num_layers': positive_int(),
@@ -109,7 +113,8 @@ MODEL_RULES = {
     'rope_scaling': choice(ROPE_SCALINGS), 'rope_scaling_factor': number(gt=0),
     'rope_low_freq_factor': number(gt=0), 'rope_high_freq_factor': number(gt=0),
     'rope_original_max_len': positive_int(), 'max_seq_len': positive_int(),
-    'remat': choice(REMAT_POLICIES), 'scan_layers': BOOL, 'attention_impl': choice(ATTENTION_BACKENDS),
+    'remat': choice(REMAT_POLICIES), 'scan_layers': BOOL,
+    'attention_impl': choice(ATTENTION_BACKENDS),
     'dtype': choice(DTYPES), 'param_dtype': choice(DTYPES),
     # A mapping of MoEConfig fields (MOE_RULES) turned into a MoEConfig by from_dict; None = dense.
     'moe': Rule('section', none_ok=True, note='MoE settings; None = all dense'),

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
+from model.config import HOW_NOT_WHAT
 from train import paths
 from train.checkpoint_verify import (MANIFEST, CheckpointCorruptError, move_corrupt,  # noqa: F401
                                      newest_verified, quiet_reads, read_error,
@@ -208,14 +209,12 @@ def _reason(e: CheckpointCorruptError) -> str:
   return text.split(' is corrupt: ', 1)[1] if ' is corrupt: ' in text else text
 
 
-# Fields that choose how a model is computed, not what it computes: a resume may change them.
-_HOW_NOT_WHAT = ('attention_impl',)
 
 
 def _compare(key: str, have: Any, want: Any, directory: str, step: int) -> None:
   if isinstance(want, dict) and isinstance(have, dict):
     for k in sorted(set(have) | set(want)):
-      if k not in have or k in _HOW_NOT_WHAT:
+      if k not in have or k in HOW_NOT_WHAT:
         continue   # A field added to palmax after the checkpoint was written, or how-not-what.
       if have.get(k) != want.get(k):
         raise CheckpointMismatchError(

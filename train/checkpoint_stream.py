@@ -253,13 +253,14 @@ def check_model(record: dict, model_cfg, where: str, architecture_only: bool = F
   """Raises CheckpointMismatchError naming the first field where the checkpoint `record`'s model
   differs from `model_cfg`. `architecture_only` ignores run-time fields (dtype, remat,
   max_seq_len, MoE dispatch and loss coefficients), which fine-tuning may change."""
+  from model.config import HOW_NOT_WHAT
   from model.hf import MOE_RUNTIME_FIELDS, RUNTIME_FIELDS
   from train.checkpoint import CheckpointMismatchError
   have, want = dict(record.get('model') or {}), model_cfg.to_dict()
   skip = set(RUNTIME_FIELDS) | {'max_seq_len'} if architecture_only else set()
   for key in sorted(set(have) | set(want)):
     a, b = have.get(key), want.get(key)
-    if key in skip or key not in have or key == 'attention_impl':
+    if key in skip or key not in have or key in HOW_NOT_WHAT:
       continue   # Skipped, added to palmax after the checkpoint, or how (not what) it computes.
     if key == 'moe' and architecture_only and isinstance(a, dict) and isinstance(b, dict):
       a = {k: v for k, v in a.items() if k not in MOE_RUNTIME_FIELDS}

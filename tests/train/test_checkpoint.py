@@ -352,3 +352,13 @@ def test_save_streamed_writes_a_manifest(tmp_path):
   assert cv.verify_step(os.path.join(workdir, 'checkpoints'), 0)
   reader = cs.LeafReader(workdir)
   np.testing.assert_array_equal(reader.read(('params', 'w'), 0, 48), w)
+
+
+def test_resume_may_change_how_the_model_is_computed_but_not_what():
+  """attention_impl and scan_layers (model.config.HOW_NOT_WHAT) may differ from the checkpoint's;
+  an architectural field may not."""
+  from train.checkpoint import CheckpointMismatchError, _compare
+  have = {'d_model': 32, 'attention_impl': 'xla', 'scan_layers': True}
+  _compare('model', have, dict(have, attention_impl='flash', scan_layers=False), '/w', 3)
+  with pytest.raises(CheckpointMismatchError, match='model.d_model=32'):
+    _compare('model', have, dict(have, d_model=64), '/w', 3)
