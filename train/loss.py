@@ -91,8 +91,8 @@ def _scan(x_BTD, w_VD, targets_BT, coef_BT, z_loss, softcap, dtype, tc, with_gra
              - jnp.where(onehot_BtV, coef_Bt[..., None], 0.0))
     if softcap:
       g_BtV = g_BtV * (1.0 - jnp.square(tanh_BtV))
-    # Materialise g in its natural [B, t, V] layout: left to itself XLA:CPU fuses the softmax
-    # into the transpose the dW matmul wants and computes it with strided reads (2x slower).
+    # Ask for g in its natural [B, t, V] layout. XLA:CPU (jax 0.10) still recomputes it inside
+    # the transpose the dW matmul wants (strided reads), which is why this path is opt-in there.
     g_BtV = jax.lax.optimization_barrier(g_BtV.astype(dt))
     dx_BtD = jnp.einsum('btv,vd->btd', g_BtV, w_c, preferred_element_type=jnp.float32)
     dw_VD = dw_VD + jnp.einsum('btv,btd->vd', g_BtV, x_BtD, preferred_element_type=jnp.float32)
