@@ -119,20 +119,15 @@ def test_splash_runs_flash_where_positions_are_not_its_index_layout():
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
-def test_splash_refuses_off_tpu_in_one_line():
-  if jax.default_backend() == 'tpu':
-    pytest.skip('a TPU is present')
+@pytest.mark.parametrize('impl,platform,message', [
+    ('splash', 'tpu', "config.model.attention_impl='splash' is a TPU kernel"),
+    ('cudnn', 'gpu', "config.model.attention_impl='cudnn' needs an NVIDIA GPU")])
+def test_accelerator_kernels_refuse_elsewhere_in_one_line(impl, platform, message):
+  if jax.default_backend() == platform:
+    pytest.skip(f'a {platform} is present')
   q, k, v = _qkv()
-  with pytest.raises(ValueError, match=r"config.model.attention_impl='splash' is a TPU kernel"):
-    attention_ops.get('splash')(q, k, v, AttentionMask(POS, POS), 0.0)
-
-
-def test_cudnn_refuses_off_gpu_in_one_line():
-  if jax.default_backend() == 'gpu':
-    pytest.skip('a GPU is present')
-  q, k, v = _qkv()
-  with pytest.raises(ValueError, match=r"config.model.attention_impl='cudnn' needs an NVIDIA GPU"):
-    attention_ops.get('cudnn')(q, k, v, AttentionMask(POS, POS), 0.0)
+  with pytest.raises(ValueError, match=message):
+    attention_ops.get(impl)(q, k, v, AttentionMask(POS, POS), 0.0)
 
 
 def test_registry_is_the_config_choice():
