@@ -15,7 +15,7 @@ from flax import nnx
 from model import attention_ops, sharding
 from model.attention_ops.mask import AttentionMask
 from model.config import ModelConfig
-from model.inference.kv_cache import CACHE_NAMES, LayerCache
+from model.inference.kv_cache import LayerCache
 from model.layers import RMSNorm, fan_in_init, linear, rope, rope_inv_freq
 
 KVCache = LayerCache  # One layer's {'k', 'v'}: [B, S, K, H] each.
@@ -85,10 +85,10 @@ class Attention(nnx.Module):
         cache = LayerCache(cache['k'], cache['v'])
       b, t = x_BTD.shape[:2]
       start_B = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (b,))
+      # A dense LayerCache or a paged one (model/inference/paged_cache.py): both write the new
+      # keys at each row's positions and read back [B, S, K, H] with slot s = position s.
       new_cache = cache.write(k_BTKH, v_BTKH, start_B)
-      new_cache = LayerCache(sharding.constrain(new_cache.k, CACHE_NAMES),
-                             sharding.constrain(new_cache.v, CACHE_NAMES))
-      k_BSKH, v_BSKH = new_cache.k, new_cache.v
+      k_BSKH, v_BSKH = new_cache.keys_values()
       # Slot s holds position s; a row sees its slots below start + T.
       mask = AttentionMask(positions_BT, jnp.arange(k_BSKH.shape[1], dtype=jnp.int32)[None],
                            window, kv_lengths_B=start_B + t)

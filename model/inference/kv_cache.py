@@ -13,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from model import sharding
+
 # Logical axis names of one layer's k / v (model/sharding.py maps them to mesh axes): the cache
 # shards like the attention activations.
 CACHE_NAMES = ('batch', 'cache_length', 'act_kv_heads', None)
@@ -25,6 +27,10 @@ class LayerCache:
   k: jax.Array
   v: jax.Array
 
+  @property
+  def size(self) -> int:
+    return self.k.shape[-3]
+
   @classmethod
   def zeros(cls, batch: int, size: int, kv_heads: int, head_dim: int, dtype) -> 'LayerCache':
     shape = (batch, size, kv_heads, head_dim)
@@ -34,8 +40,14 @@ class LayerCache:
     """Row b's T keys/values at slots start_B[b]..start_B[b]+T-1 (the caller keeps them inside
     the cache: dynamic_update_slice clamps an overflowing start)."""
     put = jax.vmap(lambda c_SKH, x_TKH, i: jax.lax.dynamic_update_slice_in_dim(c_SKH, x_TKH, i, 0))
-    return LayerCache(put(self.k, k_BTKH.astype(self.k.dtype), start_B),
-                      put(self.v, v_BTKH.astype(self.v.dtype), start_B))
+    return LayerCache(sharding.constrain(put(self.k, k_BTKH.astype(self.k.dtype), start_B),
+                                         CACHE_NAMES),
+                      sharding.constrain(put(self.v, v_BTKH.astype(self.v.dtype), start_B),
+                                         CACHE_NAMES))
+
+  def keys_values(self) -> tuple[jax.Array, jax.Array]:
+    """k_BSKH, v_BSKH: slot s holds position s (the attention layer masks slots >= length)."""
+    return self.k, self.v
 
   def __getitem__(self, key):  # Old dict-style access: cache['k'].
     return getattr(self, key)
@@ -51,7 +63,9 @@ class DecodeCache:
 
   @property
   def size(self) -> int:
-    return jax.tree.leaves(self.layers)[0].shape[2]
+    """Slots per row (a paged cache: pages per row x page size)."""
+    first = jax.tree.leaves(self.layers, is_leaf=lambda x: hasattr(x, 'keys_values'))[0]
+    return first.size if hasattr(first, 'size') else first.shape[2]
 
   def with_lengths(self, lengths_B) -> 'DecodeCache':
     """The same keys with new row lengths: e.g. after prefilling right-padded prompts, the true

@@ -1,0 +1,64 @@
+"""The serving engine's compiled steps: a prefill chunk for one sequence and a decode step for
+every slot, each sampling its next token on device. Each compiles once per shape: prefill per
+(chunk, table width) and decode per table-width bucket; every sampling parameter is traced.
+
+Shapes: S slots, C prefill chunk, M table width (pages), V vocab, K top logprobs.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.inference import paged_cache, processors
+
+
+def slot_sampling(fields: dict) -> processors.SlotSampling:
+  """SlotSampling from host arrays (the keys built from uint32 seeds inside the program)."""
+  keys = jax.vmap(jax.random.key)(fields['seed'])
+  return processors.SlotSampling(
+      temperature_B=fields['temperature'], top_k_B=fields['top_k'], top_p_B=fields['top_p'],
+      min_p_B=fields['min_p'], repetition_penalty_B=fields['repetition_penalty'],
+      presence_penalty_B=fields['presence_penalty'],
+      frequency_penalty_B=fields['frequency_penalty'], keys_B=keys)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'num_top'), donate_argnames=('pools',))
+def prefill(graphdef, params, pools, table_1M, start, tokens_1C, n_valid, sampling: dict,
+            prompt_mask_1V, allowed_1V, vocab_limit, *, num_top: int):
+  """Writes one chunk of a prompt (positions start..start+n_valid-1; the rest of the chunk is
+  padding written to positions nobody reads) and samples the token after position
+  start+n_valid-1 (used by the caller only on the prompt's last chunk). -> (pools, Sampled)."""
+  model = nnx.merge(graphdef, params)
+  cache = paged_cache.as_cache(pools, table_1M, jnp.reshape(start, (1,)))
+  logits_1CV, cache = model(tokens_1C, cache)
+  last_1V = jax.lax.dynamic_slice_in_dim(logits_1CV, n_valid - 1, 1, axis=1)[:, 0]
+  v = last_1V.shape[-1]
+  out = processors.sample_next(last_1V, slot_sampling(sampling), jnp.zeros((1,), jnp.int32),
+                               jnp.zeros((1, v), jnp.int32), prompt_mask_1V, allowed_1V,
+                               vocab_limit, num_top=num_top)
+  return paged_cache.pools_of(cache), out
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'num_top'),
+                   donate_argnames=('pools', 'counts_SV'))
+def decode(graphdef, params, pools, tables_SM, lengths_S, tokens_S, active_S, steps_S,
+           sampling: dict, counts_SV, prompt_mask_SV, vocab_limit, *, num_top: int):
+  """Feeds each active slot's last sampled token at its position and samples the next one.
+  Idle slots write to the null page. -> (pools, counts_SV, Sampled)."""
+  model = nnx.merge(graphdef, params)
+  # The token being fed was generated: count it before sampling the next (penalties).
+  counts_SV = processors.update_counts(counts_SV, tokens_S, active_S)
+  cache = paged_cache.as_cache(pools, tables_SM, lengths_S)
+  logits_S1V, cache = model(tokens_S[:, None], cache)
+  out = processors.sample_next(logits_S1V[:, 0], slot_sampling(sampling), steps_S, counts_SV,
+                               prompt_mask_SV, None, vocab_limit, num_top=num_top)
+  return paged_cache.pools_of(cache), counts_SV, out
+
+
+@functools.partial(jax.jit, donate_argnames=('counts_SV', 'prompt_mask_SV'))
+def reset_row(counts_SV, prompt_mask_SV, slot, prompt_mask_V):
+  """A slot's penalty state for a new sequence: no outputs yet, its prompt's tokens."""
+  return counts_SV.at[slot].set(0), prompt_mask_SV.at[slot].set(prompt_mask_V)
