@@ -2,7 +2,7 @@
 
 Sections: model (model/config.py ModelConfig fields), data (train/data.py), train (loop,
 optimizer, checkpoints), mesh (device mesh sizes and logical-axis rules), pipeline (stages and
-schedule), sample (launch/sample.py). train/config_schema.py says what each value may be.
+schedule), sample (launch/sample.py), serve (launch/serve.py: the engine's slots, pages, chunks). train/config_schema.py says what each value may be.
 """
 import dataclasses
 
@@ -10,6 +10,7 @@ import ml_collections
 
 from model import sharding
 from model.config import ModelConfig, MoEConfig
+from model.inference.serve_config import ServeConfig
 
 
 def moe_section(**overrides) -> ml_collections.ConfigDict:
@@ -85,4 +86,7 @@ def get_base() -> ml_collections.ConfigDict:
   cfg.sample = ml_collections.ConfigDict(dict(
       prompt='def fibonacci(n):\n', max_new_tokens=128, num_samples=3, temperature=0.8, top_k=0, top_p=0.95,
       seed=0))
+
+  # Serving (launch.serve, model/inference/engine.py): defaults from ServeConfig.
+  cfg.serve = ml_collections.ConfigDict(dataclasses.asdict(ServeConfig()))
   return cfg

@@ -75,3 +75,34 @@ def sample_workdir(workdir: str, *, prompt: str, max_new_tokens: int, num_sample
       row = row[:row.index(tok.eos_id)]
     out.append(prompt + tok.decode(row))
   return out
+
+
+def load_completer(workdir: str, step: int | None = None, serve_overrides: dict | None = None):
+  """A workdir's model behind a serving engine: (Completer, Engine). Serving settings are the
+  workdir config's `serve` section (older workdirs: the defaults) with `serve_overrides`; the
+  chat template is the checkpoint's own (an imported HF tokenizer_config.json) if it has one."""
+  import dataclasses
+  import os
+  from model.inference.completion import Completer, jinja_chat_template
+  from model.inference.engine import Engine
+  from model.inference.serve_config import ServeConfig
+  from train import paths
+
+  cfg, model_cfg, graphdef, params, tok = load_model(workdir, step)
+  serve = dict(cfg.get('serve', {}) or {})
+  serve.update({k: v for k, v in (serve_overrides or {}).items() if v is not None})
+  serve_cfg = ServeConfig.from_dict(serve)
+  fields = {f.name for f in dataclasses.fields(model_cfg)}
+  namespace = json.dumps({k: getattr(model_cfg, k) for k in sorted(fields)}, default=str)
+  namespace += getattr(tok, 'digest', '') + os.path.abspath(workdir) + str(step)
+  engine = Engine(graphdef, params, model_cfg, serve_cfg, eos_id=tok.eos_id,
+                  vocab_limit=tok.vocab_size, namespace=namespace)
+  template = None
+  tc = paths.join(workdir, 'hf_tokenizer', 'tokenizer_config.json')
+  if paths.exists(tc):
+    meta = json.loads(paths.read_bytes(tc))
+    if isinstance(meta.get('chat_template'), str):
+      token = lambda t: t.get('content', '') if isinstance(t, dict) else (t or '')
+      template = jinja_chat_template(meta['chat_template'], token(meta.get('bos_token')),
+                                     token(meta.get('eos_token')))
+  return Completer(engine, tok, chat_template=template), engine

@@ -100,13 +100,22 @@ SAMPLE_RULES = {
     'seed': SEED,
 }
 
+SERVE_RULES = {
+    'num_slots': positive_int(), 'page_size': positive_int(),
+    'num_pages': nonneg_int('0 = auto: every slot at full context, twice'),
+    'prefill_chunk': positive_int(), 'max_queue': positive_int(), 'prefix_cache': BOOL,
+    'max_cached_pages': nonneg_int('0 = no bound but the pool'),
+    'max_top_logprobs': nonneg_int(), 'max_n': positive_int(),
+}
+
 # Every section (dotted path under `config.`) and its rules; `model` and `model.moe` are
 # model/config.py's MODEL_RULES and MOE_RULES, applied by ModelConfig.from_dict.
 SECTIONS = {
     'data': DATA_RULES, 'data.tokenizer': TOKENIZER_RULES, 'train': TRAIN_RULES,
     'mesh': MESH_RULES, 'mesh.dcn': DCN_RULES, 'pipeline': PIPELINE_RULES, 'sample': SAMPLE_RULES,
+    'serve': SERVE_RULES,
 }
-TOP_LEVEL = ('model', 'data', 'train', 'mesh', 'pipeline', 'sample')
+TOP_LEVEL = ('model', 'data', 'train', 'mesh', 'pipeline', 'sample', 'serve')
 # Top-level sections other modules validate: tolerated here, not checked.
 OTHER_SECTIONS = {'sweep': 'train/scaling/plan.py'}
 # train/tokenizer.py:train_tokenizer's floor: 256 byte pieces, specials and whitespace symbols.

@@ -121,6 +121,29 @@ class Engine:
     self._ids = itertools.count()
     self.tokens_generated = 0
 
+  def widths(self) -> list[int]:
+    """The table-width buckets steps compile for (powers of two up to the context's pages)."""
+    return sorted({self._width(n * self.cfg.page_size) for n in range(1, self.max_pages + 1)})
+
+  def warmup(self) -> None:
+    """Compiles every step shape now (idle rows and the null page only), so the first
+    requests do not wait for XLA."""
+    s, v = len(self.slots), self.model_cfg.vocab_size
+    zeros = lambda dt: np.zeros((s,), dt)
+    row = {k: a[:1] for k, a in self._sampling.items()}
+    with self._context():
+      for w in self.widths():
+        self.pools, _ = engine_steps.prefill(
+            self.graphdef, self.params, self.pools, np.zeros((1, w), np.int32), np.int32(0),
+            np.zeros((1, self.cfg.prefill_chunk), np.int32), np.int32(1), row,
+            np.zeros((1, v), bool), np.ones((1, v), bool), np.int32(self.vocab_limit),
+            num_top=self.num_top)
+        self.pools, self.counts_SV, out = engine_steps.decode(
+            self.graphdef, self.params, self.pools, np.zeros((s, w), np.int32), zeros(np.int32),
+            zeros(np.int32), zeros(bool), zeros(np.int32), self._sampling, self.counts_SV,
+            self.prompt_mask_SV, np.int32(self.vocab_limit), num_top=self.num_top)
+    jax.block_until_ready(out)
+
   # -- public API -------------------------------------------------------------------------------
 
   def check(self, req: GenerationRequest) -> None:
@@ -181,6 +204,15 @@ class Engine:
     while self.has_work():
       self.step()
     return out
+
+  def abort_running(self, finish: str) -> None:
+    """Ends every running sequence with `finish` (after a failed step) and frees its pages."""
+    for seq in list(self.slots):
+      if seq is not None:
+        self.pool.release(seq.pages)
+        seq.pages = []
+        self.slots[seq.slot] = None
+        seq.on_event(Event(seq.id, None, None, (), finish))
 
   # -- one engine step --------------------------------------------------------------------------
 
