@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from model import sharding
 from model.inference import engine_steps, page_pool, paged_cache
@@ -106,12 +107,23 @@ class Engine:
     self.max_pages = self.cfg.pages_per_seq(model_cfg.max_seq_len)
     self.pool = page_pool.PagePool(self.cfg.total_pages(model_cfg.max_seq_len), self.cfg.page_size,
                                    self.cfg.max_cached_pages or None)
+    if self.mesh is None:  # Parameters restored onto a mesh: keep every array on it.
+      first = jax.tree.leaves(params)[0].sharding
+      if isinstance(first, NamedSharding):
+        self.mesh = first.mesh
+    if self.mesh is not None and self.rules is None:
+      self.rules = sharding.check_rules(sharding.DEFAULT_RULES)
     with self._context():
       self.pools = paged_cache.init_pools(model_cfg, self.pool.num_pages, self.cfg.page_size)
-      if mesh is not None:
-        self.pools = jax.device_put(self.pools, self._shardings(paged_cache.pool_names(self.pools)))
       self.counts_SV = jnp.zeros((s, v), jnp.int32)
       self.prompt_mask_SV = jnp.zeros((s, v), bool)
+      if self.mesh is not None:
+        # Committed, mesh-sharded state from the start: the steps' outputs come back that way,
+        # and a first call with other shardings would compile every step twice.
+        self.pools = jax.device_put(self.pools, self._pool_shardings())
+        replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.counts_SV = jax.device_put(self.counts_SV, replicated)
+        self.prompt_mask_SV = jax.device_put(self.prompt_mask_SV, replicated)
     self.num_top = max(1, self.cfg.max_top_logprobs)
     self._sampling = {k: np.full((s,), d, _DTYPES[k]) for k, d in SAMPLING_DEFAULTS.items()}
     self.slots: list[_Seq | None] = [None] * s
@@ -132,6 +144,8 @@ class Engine:
     zeros = lambda dt: np.zeros((s,), dt)
     row = {k: a[:1] for k, a in self._sampling.items()}
     with self._context():
+      self.counts_SV, self.prompt_mask_SV = engine_steps.reset_row(
+          self.counts_SV, self.prompt_mask_SV, np.int32(0), np.zeros((v,), bool))
       for w in self.widths():
         self.pools, _ = engine_steps.prefill(
             self.graphdef, self.params, self.pools, np.zeros((1, w), np.int32), np.int32(0),
@@ -388,9 +402,7 @@ class Engine:
       return contextlib.nullcontext()
     return sharding.use_mesh(self.mesh, self.rules)
 
-  def _shardings(self, names_tree):
-    from jax.sharding import NamedSharding
-    return jax.tree.map(
-        lambda names, a: NamedSharding(self.mesh, sharding.logical_to_spec(
-            names, self.rules, a.shape, self.mesh)),
-        names_tree, self.pools, is_leaf=lambda x: isinstance(x, tuple))
+  def _pool_shardings(self):
+    names = ('layers',) + paged_cache.PAGE_NAMES
+    return jax.tree.map(lambda a: NamedSharding(self.mesh, sharding.logical_to_spec(
+        names, self.rules, a.shape, self.mesh)), self.pools)

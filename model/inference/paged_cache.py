@@ -78,11 +78,6 @@ def init_pools(cfg, num_pages: int, page_size: int) -> dict:
   return pools
 
 
-def pool_names(pools: dict) -> dict:
-  """Logical axis names of every pool array (for NamedShardings on a mesh)."""
-  return jax.tree.map(lambda _: ('layers',) + PAGE_NAMES, pools)
-
-
 def as_cache(pools: dict, page_table_BM: jax.Array, lengths_B: jax.Array) -> DecodeCache:
   """The model's DecodeCache over the pools: every layer reads the same tables (broadcast over
   a stack's repeats so the layer scan slices them like the pages)."""
