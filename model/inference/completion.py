@@ -192,7 +192,8 @@ class _Stream:
     else:
       safe = len(text)
       self.finish = finish
-    if safe > self.sent or finish is not None:
+    # With logprobs every token is reported, text or not (e.g. a control piece decodes to '').
+    if safe > self.sent or finish is not None or (self.pending and o.params.logprobs is not None):
       delta, self.sent = text[self.sent:max(safe, self.sent)], max(safe, self.sent)
       infos, self.pending = tuple(self.pending), []
       o.deliver(self, Delta(self.index, delta, infos if o.params.logprobs is not None else (),
@@ -264,6 +265,10 @@ class Completer:
       return [self.tokenizer.doc_start_id] + self.tokenizer.encode(prompt)
     if (isinstance(prompt, list) and prompt and
         all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+      v = self.engine.model_cfg.vocab_size
+      bad = [t for t in prompt if not 0 <= t < v]
+      if bad:
+        raise BadRequest(f'prompt token id {bad[0]} is outside [0, {v})', 'prompt')
       return list(prompt)
     raise BadRequest('prompt must be a non-empty string or a list of token ids', 'prompt')
 

@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from model import sharding
-from model.inference import engine_steps, page_pool, paged_cache
+from model.inference import engine_steps, page_pool, paged_cache, processors
 from model.inference.serve_config import ServeConfig
 
 SAMPLING_DEFAULTS = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
@@ -117,13 +117,16 @@ class Engine:
       self.pools = paged_cache.init_pools(model_cfg, self.pool.num_pages, self.cfg.page_size)
       self.counts_SV = jnp.zeros((s, v), jnp.int32)
       self.prompt_mask_SV = jnp.zeros((s, v), bool)
+      # Committed state from the start (mesh-sharded with a mesh): the steps' outputs come back
+      # that way, and a first call with other shardings would compile every step twice.
       if self.mesh is not None:
-        # Committed, mesh-sharded state from the start: the steps' outputs come back that way,
-        # and a first call with other shardings would compile every step twice.
         self.pools = jax.device_put(self.pools, self._pool_shardings())
-        replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self.counts_SV = jax.device_put(self.counts_SV, replicated)
-        self.prompt_mask_SV = jax.device_put(self.prompt_mask_SV, replicated)
+        where = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      else:
+        self.pools = jax.device_put(self.pools, jax.devices()[0])
+        where = jax.devices()[0]
+      self.counts_SV = jax.device_put(self.counts_SV, where)
+      self.prompt_mask_SV = jax.device_put(self.prompt_mask_SV, where)
     self.num_top = max(1, self.cfg.max_top_logprobs)
     self._sampling = {k: np.full((s,), d, _DTYPES[k]) for k, d in SAMPLING_DEFAULTS.items()}
     self.slots: list[_Seq | None] = [None] * s
@@ -178,6 +181,22 @@ class Engine:
     unknown = set(req.sampling) - set(SAMPLING_DEFAULTS)
     if unknown:
       raise ValueError(f'unknown sampling parameter(s) {sorted(unknown)}')
+    # Values too: a bad one would otherwise raise inside step() (e.g. a seed outside uint32),
+    # with the sequence already holding a slot and pages.
+    for name, value in req.sampling.items():
+      if name == 'seed':
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and (
+            0 <= value < 2**32)
+        want = 'an integer in [0, 2**32)'
+      else:
+        _, rule, want = processors._RULES[name]
+        try:
+          a = np.asarray(value, np.float64)
+          ok = np.ndim(value) == 0 and bool(rule(a)) and (name != 'top_k' or a < 2**31)
+        except (TypeError, ValueError):
+          ok = False
+      if not ok:
+        raise ValueError(f'sampling {name}={value!r} must be {want}')
 
   def submit(self, req: GenerationRequest, on_event: Callable[[Event], None]) -> int:
     self.check(req)

@@ -32,14 +32,14 @@ def prefill(graphdef, params, pools, table_1M, start, tokens_1C, n_valid, sampli
   padding written to positions nobody reads) and samples the token after position
   start+n_valid-1 (used by the caller only on the prompt's last chunk). -> (pools, Sampled)."""
   model = nnx.merge(graphdef, params)
-  cache = paged_cache.as_cache(pools, table_1M, jnp.reshape(start, (1,)))
-  logits_1CV, cache = model(tokens_1C, cache)
+  logits_1CV, pools = paged_cache.forward(model, tokens_1C, pools, table_1M,
+                                          jnp.reshape(start, (1,)))
   last_1V = jax.lax.dynamic_slice_in_dim(logits_1CV, n_valid - 1, 1, axis=1)[:, 0]
   v = last_1V.shape[-1]
   out = processors.sample_next(last_1V, slot_sampling(sampling), jnp.zeros((1,), jnp.int32),
                                jnp.zeros((1, v), jnp.int32), prompt_mask_1V, allowed_1V,
                                vocab_limit, num_top=num_top)
-  return paged_cache.pools_of(cache), out
+  return pools, out
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'num_top'),
@@ -51,11 +51,10 @@ def decode(graphdef, params, pools, tables_SM, lengths_S, tokens_S, active_S, st
   model = nnx.merge(graphdef, params)
   # The token being fed was generated: count it before sampling the next (penalties).
   counts_SV = processors.update_counts(counts_SV, tokens_S, active_S)
-  cache = paged_cache.as_cache(pools, tables_SM, lengths_S)
-  logits_S1V, cache = model(tokens_S[:, None], cache)
+  logits_S1V, pools = paged_cache.forward(model, tokens_S[:, None], pools, tables_SM, lengths_S)
   out = processors.sample_next(logits_S1V[:, 0], slot_sampling(sampling), steps_S, counts_SV,
                                prompt_mask_SV, None, vocab_limit, num_top=num_top)
-  return paged_cache.pools_of(cache), counts_SV, out
+  return pools, counts_SV, out
 
 
 @functools.partial(jax.jit, donate_argnames=('counts_SV', 'prompt_mask_SV'))

@@ -39,7 +39,10 @@ def _logprobs_completion(tokens, offset0: int):
   for t in tokens:
     out['tokens'].append(t.text)
     out['token_logprobs'].append(t.logprob)
-    out['top_logprobs'].append({text: lp for _, text, lp in t.top})
+    top: dict[str, float] = {}
+    for _, text, lp in t.top:  # Ids sharing a text (byte pieces): keep the likeliest's value.
+      top.setdefault(text, lp)
+    out['top_logprobs'].append(top)
     out['text_offset'].append(offset)
     offset += len(t.text)
   return out
@@ -214,7 +217,7 @@ class OpenAIServer:
         used += len(d.tokens) if params.logprobs is not None else 0
         if d.finish is not None:
           left -= 1
-        if not d.text and d.finish is None:
+        if not d.text and not d.tokens and d.finish is None:
           continue
         if chat:
           yield chunk({'index': index, 'delta': {'content': d.text} if d.text else {},
