@@ -1,6 +1,8 @@
 """palmax: a JAX/Flax, TPU-first codebase for Gemini/PaLM-style decoder language models."""
 from setuptools import find_packages, setup
 
+SERVE = ['starlette>=0.37', 'uvicorn>=0.30', 'prometheus_client>=0.20', 'jinja2>=3.1']
+
 setup(
     name='palmax',
     version='0.1.0',
@@ -21,8 +23,12 @@ setup(
         'tensorboardX>=2.6',   # TensorBoard event files without installing TensorFlow.
     ],
     extras_require={
+        # launch.serve: an ASGI app (Starlette) on uvicorn, Prometheus metrics, jinja2 for
+        # checkpoints' chat templates.
+        'serve': SERVE,
+        # openai: the client the server is tested against.
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'nbformat>=5.10', 'nbclient>=0.10', 'matplotlib',
-                 'ipykernel>=6.29'],
+                 'ipykernel>=6.29', 'openai>=1.0'] + SERVE,
         'tpu': ['jax[tpu]'],
         'cuda': ['jax[cuda12]'],
         'hf': ['torch>=2.4', 'transformers>=4.45', 'safetensors'],
