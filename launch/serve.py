@@ -36,6 +36,7 @@ def main(argv):
   from model.inference.loop import EngineLoop
   from model.inference.openai_server import OpenAIServer
 
+  _check_port(_HOST.value, _PORT.value)   # Before minutes of loading and compiling.
   overrides = dict(num_slots=_SLOTS.value, page_size=_PAGE.value, num_pages=_PAGES.value,
                    prefill_chunk=_CHUNK.value, max_queue=_QUEUE.value,
                    max_cached_pages=_CACHED.value, prefix_cache=_PREFIX.value)
@@ -52,6 +53,19 @@ def main(argv):
     uvicorn.run(server.app, host=_HOST.value, port=_PORT.value, log_level='warning')
   finally:
     loop.stop()
+
+
+def _check_port(host: str, port: int) -> None:
+  """ValueError naming the flags if nothing can listen on host:port (uvicorn would say so only
+  after the model is loaded and compiled, and exit 3 with its own log line)."""
+  import socket
+  with socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # As uvicorn binds.
+    try:
+      s.bind((host, port))
+    except OSError as e:
+      raise ValueError(f'--host={host} --port={port}: cannot listen there: '
+                       f'{e.strerror or e}') from None
 
 
 if __name__ == '__main__':

@@ -172,7 +172,10 @@ class _Stream:
       return
     if ev.token is not None and not (ev.finish == 'stop' and ev.token in o.hidden_ids):
       self.ids.append(ev.token)
-      info = TokenInfo(ev.token, o.token_text(ev.token), ev.logprob,
+      text = o.token_text(ev.token)
+      if not self.infos and o.removed_text and text.startswith(o.removed_text):
+        text = text[len(o.removed_text):]   # Healed: the prompt already holds this part.
+      info = TokenInfo(ev.token, text, ev.logprob,
                        tuple((i, o.token_text(i), lp) for i, lp in ev.top))
       self.infos.append(info)
       self.pending.append(info)

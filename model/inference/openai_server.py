@@ -135,6 +135,8 @@ class OpenAIServer:
       stream = body.get('stream', False)
       if not isinstance(stream, bool):
         raise BadRequest(f'stream must be true or false, got {stream!r}', 'stream')
+      if not isinstance(body.get('stream_options') or {}, dict):
+        raise BadRequest('stream_options must be an object', 'stream_options')
       if stream and params.best_of not in (None, params.n):
         raise BadRequest('stream cannot be used with best_of > n', 'best_of')
       if chat and params.logprobs is not None and not body.get('logprobs'):

@@ -61,8 +61,8 @@ class PagedLayerCache:
     return dataclasses.replace(self, start_B=start_B, new_k=k_BTKH, new_v=v_BTKH)
 
   def keys_values(self) -> tuple[jax.Array, jax.Array]:
-    """k_BSKH, v_BSKH gathered through the table, S = M * Z + T (slot s = position s), with
-    the new keys at positions start_B[b]..start_B[b]+T-1."""
+    """k_BSKH, v_BSKH gathered through the table, S = M * Z (slot s = position s), with the
+    new keys at positions start_B[b]..start_B[b]+T-1."""
     if not _POOLS:
       raise RuntimeError('a paged cache is read only inside paged_cache.forward')
     k_pages, v_pages = _POOLS[-1][self.pool[0]][self.pool[1]]
@@ -71,10 +71,11 @@ class PagedLayerCache:
     def read(pages_RPZKH, new_BTKH):
       x = pages_RPZKH[self.layer, self.page_table_BM]        # [B, M, Z, K, H]
       x = x.reshape((b, m * self.page_size) + x.shape[-2:]).astype(new_BTKH.dtype)
-      # T spare slots, so a chunk running past the table is placed, not clamped (masked anyway).
-      x = jnp.pad(x, ((0, 0), (0, new_BTKH.shape[1]), (0, 0), (0, 0)))
-      put = jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, 0))
-      return sharding.constrain(put(x, new_BTKH, self.start_B), CACHE_NAMES)
+      # New keys past the table (a chunk's padding at the end of the context) are dropped, not
+      # clamped; S stays M * Z, so the logits equal the dense cache's bit for bit.
+      pos_BT = self.start_B[:, None] + jnp.arange(new_BTKH.shape[1], dtype=jnp.int32)[None]
+      x = x.at[jnp.arange(b)[:, None], pos_BT].set(new_BTKH, mode='drop')
+      return sharding.constrain(x, CACHE_NAMES)
 
     return read(k_pages, self.new_k), read(v_pages, self.new_v)
 
