@@ -56,24 +56,26 @@ def sample_workdir(workdir: str, *, prompt: str, max_new_tokens: int, num_sample
   import jax.numpy as jnp
   from model import decode
 
+  from model.inference.healing import TokenHealer
   _, model_cfg, graphdef, params, tok = load_model(workdir, step)
   # A prompt opens like a training document (`doc_start_id`: after EOS in palmax's packing, on
-  # BOS in a converted HF checkpoint). Trailing newline+indentation is left for the model to
-  # write: the tokenizer merges a newline with its indentation, so a prompt ending on a bare
-  # newline would be an unusual token boundary.
-  prompt = prompt.rstrip(' \n')
-  ids = [tok.doc_start_id] + tok.encode(prompt)
+  # BOS in a converted HF checkpoint). A prompt ending in whitespace is healed: the tokenizer
+  # merges a newline with its indentation and the text after it, so its last token is backed
+  # off and the first sampled token must extend it (model/inference/healing.py).
+  healed = TokenHealer(tok, model_cfg.vocab_size).heal([tok.doc_start_id] + tok.encode(prompt))
+  ids = healed.ids
   decode.check_prompt(len(ids), max_new_tokens, model_cfg)
   prompt_BP = jnp.asarray([ids] * num_samples, jnp.int32)
   new_BN = decode.generate(graphdef, params, prompt_BP, jax.random.key(seed),
                            max_new_tokens=max_new_tokens, temperature=float(temperature),
                            top_k=int(top_k), top_p=float(top_p), eos_id=tok.eos_id,
-                           vocab_limit=tok.vocab_size)
+                           vocab_limit=tok.vocab_size, first_allowed=healed.allowed_V)
   out = []
   for row in jax.device_get(new_BN).tolist():
     if tok.eos_id in row:
       row = row[:row.index(tok.eos_id)]
-    out.append(prompt + tok.decode(row))
+    text = tok.decode(row)
+    out.append(prompt + text.removeprefix(healed.removed_text))
   return out
 
 

@@ -25,7 +25,8 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature=0.0, top_k=0
 
 def generate(graphdef, params, prompt_BP: jax.Array, key: jax.Array | None = None, *,
              max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0, eos_id: int = -1,
-             vocab_limit: int = 0, prompt_lengths=None, seed=None) -> jax.Array:
+             vocab_limit: int = 0, prompt_lengths=None, seed=None, first_allowed=None
+             ) -> jax.Array:
   """Continues each prompt row; returns new tokens [B, max_new_tokens]. `params` is the pure
   dict of `nnx.split(model)[1].to_pure_dict()` (what checkpoints hold).
 
@@ -34,7 +35,8 @@ def generate(graphdef, params, prompt_BP: jax.Array, key: jax.Array | None = Non
   per row. Row keys are `key` split per row, or jax.random.key(seed[b]) when `seed` is given.
   None of these recompile: one program per (model, B, P, max_new_tokens). After a row emits
   `eos_id` it only emits `eos_id` (callers cut there). `vocab_limit` > 0 never samples ids at or
-  above it (a tokenizer may have fewer pieces than the model's padded vocabulary)."""
+  above it (a tokenizer may have fewer pieces than the model's padded vocabulary).
+  `first_allowed` (bool [V]) restricts every row's first token (token healing)."""
   prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
   b, p = prompt_BP.shape
   lengths_B = sampler_lib.per_row(p if prompt_lengths is None else prompt_lengths, b, jnp.int32,
@@ -46,6 +48,7 @@ def generate(graphdef, params, prompt_BP: jax.Array, key: jax.Array | None = Non
                                  key=key if seed is None else None)
   return sampler_lib.sample(graphdef, params, prompt_BP, lengths_B, sampling,
                             jnp.int32(eos_id), jnp.int32(vocab_limit),
+                            None if first_allowed is None else jnp.asarray(first_allowed, bool),
                             max_new_tokens=max_new_tokens)
 
 

@@ -150,11 +150,12 @@ class Engine:
       self.counts_SV, self.prompt_mask_SV = engine_steps.reset_row(
           self.counts_SV, self.prompt_mask_SV, np.int32(0), np.zeros((v,), bool))
       for w in self.widths():
-        self.pools, _ = engine_steps.prefill(
-            self.graphdef, self.params, self.pools, np.zeros((1, w), np.int32), np.int32(0),
-            np.zeros((1, self.cfg.prefill_chunk), np.int32), np.int32(1), row,
-            np.zeros((1, v), bool), np.ones((1, v), bool), np.int32(self.vocab_limit),
-            num_top=self.num_top)
+        if w >= self._width(self.cfg.prefill_chunk):  # Narrower prefill tables never run.
+          self.pools, _ = engine_steps.prefill(
+              self.graphdef, self.params, self.pools, np.zeros((1, w), np.int32), np.int32(0),
+              np.zeros((1, self.cfg.prefill_chunk), np.int32), np.int32(1), row,
+              np.zeros((1, v), bool), np.ones((1, v), bool), np.int32(self.vocab_limit),
+              num_top=self.num_top)
         self.pools, self.counts_SV, out = engine_steps.decode(
             self.graphdef, self.params, self.pools, np.zeros((s, w), np.int32), zeros(np.int32),
             zeros(np.int32), zeros(bool), zeros(np.int32), self._sampling, self.counts_SV,

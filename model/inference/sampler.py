@@ -96,14 +96,17 @@ class SamplerState:
   tokens_BN: jax.Array
 
 
-def prefill(model, prompt_BP: jax.Array, prompt_lengths_B: jax.Array, max_new_tokens: int
-            ) -> SamplerState:
-  """Right-padded prompts (row b's tokens in 0..len_b-1) through the model in one pass."""
+def prefill(model, prompt_BP: jax.Array, prompt_lengths_B: jax.Array, max_new_tokens: int,
+            first_allowed_V: jax.Array | None = None) -> SamplerState:
+  """Right-padded prompts (row b's tokens in 0..len_b-1) through the model in one pass.
+  `first_allowed_V` (bool [V]) restricts the first sampled token (token healing)."""
   b, p = prompt_BP.shape
   cache = model.init_cache(b, p + max_new_tokens)
   logits_BPV, cache = model(prompt_BP, cache, 0)
   cache = cache.with_lengths(prompt_lengths_B)   # Pad slots become free slots.
   last_BV = jnp.take_along_axis(logits_BPV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  if first_allowed_V is not None:
+    last_BV = jnp.where(first_allowed_V[None], last_BV, -jnp.inf)
   return SamplerState(cache, last_BV, jnp.zeros((b,), bool), jnp.zeros((), jnp.int32),
                       jnp.zeros((b, max_new_tokens), jnp.int32))
 
@@ -127,11 +130,13 @@ def decode_step(model, state: SamplerState, sampling: SamplingParams, eos_id, vo
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens'))
 def sample(graphdef, params, prompt_BP: jax.Array, prompt_lengths_B: jax.Array,
            sampling: SamplingParams, eos_id: jax.Array | int = -1,
-           vocab_limit: jax.Array | int = 0, *, max_new_tokens: int) -> jax.Array:
+           vocab_limit: jax.Array | int = 0, first_allowed_V: jax.Array | None = None, *,
+           max_new_tokens: int) -> jax.Array:
   """New tokens [B, max_new_tokens]; compiled once per (model, B, P, max_new_tokens): sampling
   parameters, EOS id and vocab limit are traced. After a row emits `eos_id` it only emits it."""
   # Merge afresh inside each traced function: an NNX module must not cross a scan's trace.
-  state = prefill(nnx.merge(graphdef, params), prompt_BP, prompt_lengths_B, max_new_tokens)
+  state = prefill(nnx.merge(graphdef, params), prompt_BP, prompt_lengths_B, max_new_tokens,
+                  first_allowed_V)
 
   def body(state, _):
     return decode_step(nnx.merge(graphdef, params), state, sampling, eos_id, vocab_limit), None
