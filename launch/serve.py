@@ -43,7 +43,7 @@ def main(argv):
   completer, engine = load_completer(_WORKDIR.value, _STEP.value, overrides)
   name = _MODEL_NAME.value or os.path.basename(os.path.normpath(_WORKDIR.value))
   server = OpenAIServer(completer, name, _API_KEY.value or os.environ.get('PALMAX_API_KEY'))
-  print(f'compiling {2 * len(engine.widths())} step shapes ...', flush=True)
+  print('compiling every step shape ...', flush=True)
   engine.warmup()
   loop = EngineLoop(engine).start()
   print(f'serving {name!r} on http://{_HOST.value}:{_PORT.value}/v1 '
