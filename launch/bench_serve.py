@@ -218,6 +218,8 @@ def bench_server(px, clients, rounds, new_tokens, prompt_tokens, prefix, seed):
 def main(argv):
   del argv
   import logging
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)        # Orbax's restore chatter.
   logging.getLogger('httpx2').setLevel(logging.WARNING)   # One line per request otherwise.
   import jax
   print(f'devices: {jax.device_count()} x {jax.devices()[0].platform}  jax {jax.__version__}  '
