@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.inference.sampler import per_row
+from model.inference.sampler import filter_logits, per_row
 
 MAX_TOP = 20   # The most top log-probs a request may ask for (the OpenAI API's limit).
 
@@ -132,36 +132,6 @@ def penalize(logits_BV: jax.Array, s: SlotSampling, output_counts_BV: jax.Array,
   logits_BV = jnp.where(seen_BV, repeated_BV, logits_BV)
   return (logits_BV - s.presence_penalty_B[:, None] * (counts_BV > 0)
           - s.frequency_penalty_B[:, None] * counts_BV)
-
-
-def filter_logits(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
-                  top_p_B: jax.Array, min_p_B: jax.Array) -> jax.Array:
-  """The logits a row draws from [B, V] f32: divided by the temperature (rows with temperature 0
-  are left unscaled), then ids outside the top_k largest (0 = all), outside the smallest prefix
-  whose probability reaches top_p (1 = all), or with probability < min_p * the top probability
-  (0 = none; HF's MinPLogitsWarper, after temperature) set to -inf. As HF's warpers applied in
-  that order; the top token always stays and ties with the last kept value stay too.
-
-  sampler.sample_logits's filter is this with min_p = 0 (same sort-and-cutoff algorithm, same
-  float results: tests check both draw the same tokens); min-p is one more prefix length, since
-  p_r >= min_p * p_0 <=> exp(l_r - l_0) >= min_p in the sorted (descending) order."""
-  logits_BV = logits_BV.astype(jnp.float32)
-  v = logits_BV.shape[-1]
-  logits_BV = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
-  sorted_BV = -jnp.sort(-logits_BV, axis=-1)
-  rank_1V = jnp.arange(v)[None]
-  top_k_B1 = top_k_B[:, None]
-  sorted_BV = jnp.where((top_k_B1 <= 0) | (rank_1V < top_k_B1), sorted_BV, -jnp.inf)
-  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-  before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV   # Mass strictly above each rank.
-  n_keep_B1 = jnp.sum(before_BV < top_p_B[:, None], axis=-1, keepdims=True)
-  n_keep_B1 = jnp.where(top_p_B[:, None] < 1.0, n_keep_B1, v)
-  n_keep_B1 = jnp.where(top_k_B1 > 0, jnp.minimum(n_keep_B1, top_k_B1), n_keep_B1)
-  ratio_BV = jnp.exp(sorted_BV - sorted_BV[:, :1])        # p_r / p_0, normalisation-free.
-  n_min_p_B1 = jnp.sum(ratio_BV >= min_p_B[:, None], axis=-1, keepdims=True)
-  n_keep_B1 = jnp.where(min_p_B[:, None] > 0, jnp.minimum(n_keep_B1, n_min_p_B1), n_keep_B1)
-  cutoff_B1 = jnp.take_along_axis(sorted_BV, jnp.clip(n_keep_B1 - 1, 0, v - 1), axis=-1)
-  return jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
 
 
 def sample_next(logits_BV: jax.Array, s: SlotSampling, step_B: jax.Array,

@@ -59,16 +59,19 @@ class SamplingParams:
     return cls(t, k, p, keys)
 
 
-def sample_logits(logits_BV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array,
-                  top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
-  """Next token ids [B] (int32), every parameter per row and traced. Per row: temperature 0 =
-  greedy; else divide by the temperature, keep the top_k largest (0 = all), then the smallest
-  prefix of those whose probability reaches top_p (the top token always stays), and draw."""
+def filter_logits(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
+                  top_p_B: jax.Array, min_p_B: jax.Array | float = 0.0) -> jax.Array:
+  """The logits a row draws from [B, V] f32: divided by the temperature (rows with temperature 0
+  are left unscaled), then ids outside the top_k largest (0 = all), outside the smallest prefix
+  whose probability reaches top_p (1 = all), or with probability < min_p * the top probability
+  (0 = none; HF's MinPLogitsWarper, after temperature) set to -inf. As HF's warpers applied in
+  that order; the top token always stays and ties with the last kept value stay too.
+
+  min-p is one more prefix length, since p_r >= min_p * p_0 <=> exp(l_r - l_0) >= min_p in the
+  sorted (descending) order."""
   logits_BV = logits_BV.astype(jnp.float32)
   v = logits_BV.shape[-1]
-  greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  hot_B = temperature_B > 0
-  logits_BV = logits_BV / jnp.where(hot_B, temperature_B, 1.0)[:, None]
+  logits_BV = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
   sorted_BV = -jnp.sort(-logits_BV, axis=-1)
   rank_1V = jnp.arange(v)[None]
   top_k_B1 = top_k_B[:, None]
@@ -78,10 +81,24 @@ def sample_logits(logits_BV: jax.Array, keys_B: jax.Array, temperature_B: jax.Ar
   n_keep_B1 = jnp.sum(before_BV < top_p_B[:, None], axis=-1, keepdims=True)
   n_keep_B1 = jnp.where(top_p_B[:, None] < 1.0, n_keep_B1, v)
   n_keep_B1 = jnp.where(top_k_B1 > 0, jnp.minimum(n_keep_B1, top_k_B1), n_keep_B1)
+  ratio_BV = jnp.exp(sorted_BV - sorted_BV[:, :1])        # p_r / p_0, normalisation-free.
+  min_p_B1 = jnp.broadcast_to(jnp.asarray(min_p_B, jnp.float32), top_p_B.shape)[:, None]
+  n_min_p_B1 = jnp.sum(ratio_BV >= min_p_B1, axis=-1, keepdims=True)
+  n_keep_B1 = jnp.where(min_p_B1 > 0, jnp.minimum(n_keep_B1, n_min_p_B1), n_keep_B1)
   cutoff_B1 = jnp.take_along_axis(sorted_BV, jnp.clip(n_keep_B1 - 1, 0, v - 1), axis=-1)
-  logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
-  drawn_B = jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
-  return jnp.where(hot_B, drawn_B, greedy_B)
+  return jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+
+
+
+def sample_logits(logits_BV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array,
+                  top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
+  """Next token ids [B] (int32), every parameter per row and traced: temperature 0 = greedy,
+  else a draw from `filter_logits` (temperature, top-k, top-p)."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  kept_BV = filter_logits(logits_BV, temperature_B, top_k_B, top_p_B)
+  drawn_B = jax.vmap(jax.random.categorical)(keys_B, kept_BV).astype(jnp.int32)
+  return jnp.where(temperature_B > 0, drawn_B, greedy_B)
 
 
 @jax.tree_util.register_dataclass
