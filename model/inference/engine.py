@@ -233,8 +233,8 @@ class Engine:
   def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Event]]:
     """Runs `requests` together to completion; one list of events per request."""
     out: list[list[Event]] = [[] for _ in requests]
-    ids = [self.submit(r, out[i].append) for i, r in enumerate(requests)]
-    del ids
+    for i, r in enumerate(requests):
+      self.submit(r, out[i].append)
     while self.has_work():
       self.step()
     return out
@@ -291,8 +291,7 @@ class Engine:
           return
         need = math.ceil((len(seq.prompt) + seq.req.max_tokens) / z)
         matched = self.pool.match(seq.hashes)
-        idle_matched = sum(1 for p in matched if p in self.pool._idle)
-        if need - len(matched) > self.pool.available() - idle_matched:
+        if need - len(matched) > self.pool.available() - self.pool.idle_among(matched):
           return  # Wait for pages to come back.
         self.waiting.popleft()
       seq.pages = (self.pool.acquire_prefix(seq.hashes, len(seq.prompt)) +

@@ -73,6 +73,10 @@ class PagePool:
     """Pages an allocation could get now: free plus idle cached (evictable)."""
     return len(self._free) + len(self._idle)
 
+  def idle_among(self, pages: Sequence[int]) -> int:
+    """How many of `pages` are idle cached pages (acquiring them shrinks `available`)."""
+    return sum(1 for p in pages if p in self._idle)
+
   def stats(self) -> PoolStats:
     in_use = int(np.sum(self._ref > 0))
     return PoolStats(self.num_pages - 1, len(self._free), len(self._idle), in_use,
