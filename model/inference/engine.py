@@ -4,8 +4,9 @@ A fixed number of decode slots. Each `step()`:
   1. retires cancelled sequences and admits waiting ones into free slots: the longest cached
      prefix of the prompt is reused (model/inference/page_pool.py), pages for the rest of the
      prompt and `max_tokens` are reserved up front (so a running sequence never runs out);
-  2. runs one prefill chunk (`serve.prefill_chunk` tokens) for the oldest sequence still
-     prefilling, so a long prompt never stalls decoding for more than a chunk;
+  2. runs one prefill chunk (`serve.prefill_chunk` tokens) for each of the oldest sequences
+     still prefilling, up to a power-of-two rows bucket (at most `num_slots`), so a long prompt
+     never stalls decoding for more than a chunk and a burst of prompts prefills together;
   3. decodes one token for every slot past its prompt, and retires those that finish (EOS, a
      stop token id, max_tokens).
 Results stream out through each request's callback as `Event`s. Every shape is fixed per bucket
@@ -149,13 +150,16 @@ class Engine:
     with self._context():
       self.counts_SV, self.prompt_mask_SV = engine_steps.reset_row(
           self.counts_SV, self.prompt_mask_SV, np.int32(0), np.zeros((v,), bool))
+      buckets = sorted({self._rows_bucket(n) for n in range(1, s + 1)})
       for w in self.widths():
-        if w >= self._width(self.cfg.prefill_chunk):  # Narrower prefill tables never run.
+        for p in buckets if w >= self._width(self.cfg.prefill_chunk) else ():
+          # (Narrower prefill tables never run.)
+          rows = {k: np.repeat(a, p) for k, a in row.items()}
           self.pools, _ = engine_steps.prefill(
-              self.graphdef, self.params, self.pools, np.zeros((1, w), np.int32), np.int32(0),
-              np.zeros((1, self.cfg.prefill_chunk), np.int32), np.int32(1), row,
-              np.zeros((1, v), bool), np.ones((1, v), bool), np.int32(self.vocab_limit),
-              num_top=self.num_top)
+              self.graphdef, self.params, self.pools, np.zeros((p, w), np.int32),
+              np.zeros((p,), np.int32), np.zeros((p, self.cfg.prefill_chunk), np.int32),
+              np.ones((p,), np.int32), rows, np.zeros((p, v), bool), np.ones((p, v), bool),
+              np.int32(self.vocab_limit), num_top=self.num_top)
         self.pools, self.counts_SV, out = engine_steps.decode(
             self.graphdef, self.params, self.pools, np.zeros((s, w), np.int32), zeros(np.int32),
             zeros(np.int32), zeros(bool), zeros(np.int32), self._sampling, self.counts_SV,
@@ -257,7 +261,7 @@ class Engine:
     prefilling = [s for s in self.slots if s is not None and s.prefilled < len(s.prompt)]
     decoding = [s for s in self.slots if s is not None and s.prefilled == len(s.prompt)]
     if prefilling:
-      self._prefill(min(prefilling, key=lambda s: s.id))
+      self._prefill(sorted(prefilling, key=lambda s: s.id)[:self._rows_bucket(len(prefilling))])
     if decoding:
       self._decode(decoding)
     return bool(prefilling or decoding)
@@ -325,27 +329,40 @@ class Engine:
     need = max(1, math.ceil(positions / self.cfg.page_size))
     return min(self.max_pages, 1 << (need - 1).bit_length())
 
-  def _prefill(self, seq: _Seq) -> None:
-    c = self.cfg.prefill_chunk
-    start = seq.prefilled
-    chunk = seq.prompt[start:start + c]
-    tokens = np.zeros((1, c), np.int32)
-    tokens[0, :len(chunk)] = chunk
-    width = self._width(start + c)
-    row = {k: a[seq.slot:seq.slot + 1] for k, a in self._sampling.items()}
-    allowed = seq.req.allowed_first
-    allowed = np.ones((1, self.model_cfg.vocab_size), bool) if allowed is None else allowed[None]
-    mask = np.zeros((1, self.model_cfg.vocab_size), bool)
-    mask[0, seq.prompt] = True
+  def _rows_bucket(self, n: int) -> int:
+    """Prefill rows: the largest power of two <= n, capped by the slots. With chunks of >= 64
+    tokens every bucket keeps >= 64 matmul rows, where XLA:CPU rounds a row the same whatever
+    its neighbours (measured), so batching prompts does not change their tokens."""
+    return min(1 << (max(n, 1).bit_length() - 1), 1 << (len(self.slots).bit_length() - 1))
+
+  def _prefill(self, seqs: list[_Seq]) -> None:
+    c, v, p = self.cfg.prefill_chunk, self.model_cfg.vocab_size, len(seqs)
+    tokens = np.zeros((p, c), np.int32)
+    starts, n_valid = np.zeros((p,), np.int32), np.zeros((p,), np.int32)
+    allowed, mask = np.ones((p, v), bool), np.zeros((p, v), bool)
+    for i, seq in enumerate(seqs):
+      chunk = seq.prompt[seq.prefilled:seq.prefilled + c]
+      tokens[i, :len(chunk)] = chunk
+      starts[i], n_valid[i] = seq.prefilled, len(chunk)
+      if seq.req.allowed_first is not None:
+        allowed[i] = seq.req.allowed_first
+      mask[i, seq.prompt] = True
+    width = max(self._width(s.prefilled + c) for s in seqs)
+    rows = {k: a[[s.slot for s in seqs]] for k, a in self._sampling.items()}
     with self._context():
       self.pools, out = engine_steps.prefill(
-          self.graphdef, self.params, self.pools, self._table([seq], width), np.int32(start),
-          tokens, np.int32(len(chunk)), row, mask, allowed, np.int32(self.vocab_limit),
-          num_top=self.num_top)
-    seq.prefilled += len(chunk)
-    self._register(seq, seq.prompt[:seq.prefilled], seq.hashes)
-    if seq.prefilled == len(seq.prompt):
-      self._emit(seq, jax.device_get(out), 0)
+          self.graphdef, self.params, self.pools, self._table(seqs, width), starts, tokens,
+          n_valid, rows, mask, allowed, np.int32(self.vocab_limit), num_top=self.num_top)
+    done = []
+    for i, seq in enumerate(seqs):
+      seq.prefilled += int(n_valid[i])
+      self._register(seq, seq.prompt[:seq.prefilled], seq.hashes)
+      if seq.prefilled == len(seq.prompt):
+        done.append((i, seq))
+    if done:
+      out = jax.device_get(out)
+      for i, seq in done:
+        self._emit(seq, out, i)
 
   def _decode(self, seqs: list[_Seq]) -> None:
     s = len(self.slots)

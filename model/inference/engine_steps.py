@@ -26,18 +26,18 @@ def slot_sampling(fields: dict) -> processors.SlotSampling:
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'num_top'), donate_argnames=('pools',))
-def prefill(graphdef, params, pools, table_1M, start, tokens_1C, n_valid, sampling: dict,
-            prompt_mask_1V, allowed_1V, vocab_limit, *, num_top: int):
-  """Writes one chunk of a prompt (positions start..start+n_valid-1; the rest of the chunk is
-  padding written to positions nobody reads) and samples the token after position
-  start+n_valid-1 (used by the caller only on the prompt's last chunk). -> (pools, Sampled)."""
+def prefill(graphdef, params, pools, tables_PM, starts_P, tokens_PC, n_valid_P, sampling: dict,
+            prompt_mask_PV, allowed_PV, vocab_limit, *, num_top: int):
+  """Writes one chunk of each of P prompts (row p's positions starts_P[p]..+n_valid_P[p]-1; the
+  rest of the chunk is padding written to positions nobody reads; idle rows have a null table)
+  and samples each row's token after its last valid position (used by the caller only on a
+  prompt's last chunk). -> (pools, Sampled [P])."""
   model = nnx.merge(graphdef, params)
-  logits_1CV, pools = paged_cache.forward(model, tokens_1C, pools, table_1M,
-                                          jnp.reshape(start, (1,)))
-  last_1V = jax.lax.dynamic_slice_in_dim(logits_1CV, n_valid - 1, 1, axis=1)[:, 0]
-  v = last_1V.shape[-1]
-  out = processors.sample_next(last_1V, slot_sampling(sampling), jnp.zeros((1,), jnp.int32),
-                               jnp.zeros((1, v), jnp.int32), prompt_mask_1V, allowed_1V,
+  logits_PCV, pools = paged_cache.forward(model, tokens_PC, pools, tables_PM, starts_P)
+  last_PV = jnp.take_along_axis(logits_PCV, (n_valid_P - 1)[:, None, None], axis=1)[:, 0]
+  p, v = last_PV.shape
+  out = processors.sample_next(last_PV, slot_sampling(sampling), jnp.zeros((p,), jnp.int32),
+                               jnp.zeros((p, v), jnp.int32), prompt_mask_PV, allowed_PV,
                                vocab_limit, num_top=num_top)
   return pools, out
 
