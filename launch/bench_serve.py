@@ -160,7 +160,10 @@ async def _stream(client, url, prompt, max_tokens):
 
 
 def bench_server(px, clients, rounds, new_tokens, prompt_tokens, prefix, seed):
-  import httpx2 as httpx  # The HTTP client the openai package ships with.
+  try:
+    import httpx2 as httpx  # The HTTP client openai 3.x ships with (httpx's fork, same API).
+  except ImportError:
+    import httpx
   import numpy as np
   srv = _Server(px, clients)
   url = f'http://127.0.0.1:{srv.port}/v1/completions'
