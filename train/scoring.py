@@ -106,30 +106,40 @@ class Scorer:
       return [self.tokenizer.doc_start_id] + ids if prompt else ids
     return [int(i) for i in text_or_ids]
 
-  def loglikelihood(self, pairs: Sequence[tuple[Any, Any]],
-                    batch_size: int = 8) -> list[tuple[float, bool]]:
+  def loglikelihood(self, pairs: Sequence[tuple[Any, Any]], batch_size: int = 8,
+                    bucket: bool = False) -> list[tuple[float, bool]]:
     """For each (prompt, continuation), as text or token ids: (sum over the continuation's tokens
     of log p(token | everything before it), whether each is also the argmax). A text prompt opens
     on the tokenizer's document start, as in training; the two are tokenized separately, as
-    lm-evaluation-harness does."""
+    lm-evaluation-harness does. `bucket` pads every call to `batch_size` rows and a power-of-two
+    length, so many items of varied lengths compile a few shapes (the rows are independent)."""
     items = []
     for prompt, continuation in pairs:
       ctx, cont = self._ids(prompt, True), self._ids(continuation, False)
       if not ctx or not cont:
         raise ValueError('each prompt and continuation needs at least one token')
+      if len(ctx) + len(cont) - 1 > self.model_cfg.max_seq_len:
+        raise ValueError(f'a prompt of {len(ctx)} tokens and a continuation of {len(cont)} exceed '
+                         f'the context config.model.max_seq_len={self.model_cfg.max_seq_len}')
       items.append((ctx, cont))
-    out = []
-    for i in range(0, len(items), batch_size):
-      chunk = items[i:i + batch_size]
+    out = [None] * len(items)
+    # Similar lengths together: fewer padded positions per call.
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
+    for i in range(0, len(order), batch_size):
+      chunk = [items[j] for j in order[i:i + batch_size]]
       length = max(len(c) + len(k) for c, k in chunk) - 1
-      tokens = np.zeros((len(chunk), length), np.int32)   # Right-padded: causal, so harmless.
+      rows = len(chunk)
+      if bucket:
+        length = min(max(16, 1 << (length - 1).bit_length()), self.model_cfg.max_seq_len)
+        rows = batch_size
+      tokens = np.zeros((rows, length), np.int32)   # Right-padded: causal, so harmless.
       for r, (ctx, cont) in enumerate(chunk):
         seq = (ctx + cont)[:-1]
         tokens[r, :len(seq)] = seq
       logp_BTV = jax.nn.log_softmax(jnp.asarray(self.logits(tokens)), axis=-1)
       for r, (ctx, cont) in enumerate(chunk):
         pos = np.arange(len(ctx) - 1, len(ctx) - 1 + len(cont))
-        rows = np.asarray(logp_BTV[r, pos])
-        out.append((float(rows[np.arange(len(cont)), cont].sum()),
-                    bool((rows.argmax(-1) == np.asarray(cont)).all())))
+        rows_LV = np.asarray(logp_BTV[r, pos])
+        out[order[i + r]] = (float(rows_LV[np.arange(len(cont)), cont].sum()),
+                             bool((rows_LV.argmax(-1) == np.asarray(cont)).all()))
     return out

@@ -1,0 +1,204 @@
+"""Tasks that need no download, built deterministically from what every Python install has.
+
+  arithmetic        generate         "What is 37 + 48?" (2-3 digit +, -, and 2-digit x 1-digit);
+                                     worked rationales for chain of thought
+  stdlib_mc         multiple_choice  which of four stdlib functions a docstring belongs to
+  stdlib_docstring  generate         a stdlib function's one-line docstring from its signature
+                                     (ROUGE-L, F1, exact match)
+  stdlib_code       code             a stdlib function's body from its signature and docstring,
+                                     checked by the docstring's own doctests (pass@k)
+  stdlib_ppl        perplexity       bits per byte over the stdlib files the quickstart holds out
+
+The stdlib tasks read the running Python's standard library, the quickstart's training corpus:
+every stdlib example records `held_out` (its file is in the quickstart's validation split), so a
+score can be split into seen and unseen files.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+
+import numpy as np
+
+from train.evaluation.task import Task, register
+
+
+def _rng(*key) -> np.random.Generator:
+  digest = hashlib.sha256('\0'.join(map(str, key)).encode()).digest()
+  return np.random.default_rng(int.from_bytes(digest[:8], 'little'))
+
+
+# ---- arithmetic ------------------------------------------------------------------------------
+
+def _arith_example(rng: np.random.Generator) -> dict:
+  op = rng.choice(['+', '-', '*'])
+  if op == '*':
+    a, b = int(rng.integers(12, 100)), int(rng.integers(2, 10))
+    tens, ones = a - a % 10, a % 10
+    c = a * b
+    why = f'{a} * {b} = {tens} * {b} + {ones} * {b} = {tens * b} + {ones * b} = {c}.'
+  else:
+    a, b = int(rng.integers(10, 1000)), int(rng.integers(10, 100))
+    tens, ones = b - b % 10, b % 10
+    c = a + b if op == '+' else a - b
+    mid = a + tens if op == '+' else a - tens
+    why = f'{a} {op} {b} = {a} {op} {tens} {op} {ones} = {mid} {op} {ones} = {c}.'
+  return {'query': f'What is {a} {op} {b}?', 'answer': str(c),
+          'rationale': f'{why} The answer is {c}.'}
+
+
+def arithmetic_examples(split: str) -> list[dict]:
+  rng = _rng('arithmetic', split)
+  n = 200 if split == 'test' else 64
+  return [dict(_arith_example(rng), id=f'arithmetic/{split}/{i}') for i in range(n)]
+
+
+register(Task('arithmetic', 'generate', arithmetic_examples, metrics=('exact_match',),
+              answer_patterns=(r'[Tt]he answer is\s*(-?\d[\d,]*)', 'last_number'),
+              max_tokens=8, cot_max_tokens=64,
+              notes='exact match of the extracted number'))
+
+
+# ---- the standard library ------------------------------------------------------------------
+
+_SKIP = ('test/', 'idlelib/', 'tkinter/', 'turtledemo/', 'lib2to3/', 'distutils/', 'ensurepip/',
+         'pydoc_data')
+
+
+@functools.cache
+def _documented_functions() -> tuple[dict, ...]:
+  """Module-level, undecorated, documented functions of the stdlib, in file order."""
+  from configs.base import get_base
+  from train import corpus
+  train_docs, val_docs, _ = corpus.load_documents(get_base().data)
+  out = []
+  for held_out, docs in ((True, val_docs), (False, train_docs)):
+    for d in docs:
+      if not d.name.endswith('.py') or d.name.startswith(_SKIP):
+        continue
+      try:
+        tree = ast.parse(d.text)
+      except SyntaxError:
+        continue
+      lines = d.text.splitlines(keepends=True)
+      for node in tree.body:
+        doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
+        if not doc or node.decorator_list or node.name.startswith('__'):
+          continue
+        body_start = node.body[0].end_lineno       # The line closing the docstring.
+        if len(node.body) < 2:
+          continue
+        header = ''.join(lines[node.lineno - 1:node.body[0].lineno - 1])
+        out.append({'module': d.name[:-3].replace('/', '.').removesuffix('.__init__'),
+                    'file': d.name, 'name': node.name, 'doc': doc, 'header': header,
+                    'prompt': ''.join(lines[node.lineno - 1:body_start]),
+                    'body': ''.join(lines[body_start:node.end_lineno]), 'held_out': held_out})
+  return tuple(out)
+
+
+def _summary(doc: str) -> str:
+  return doc.strip().split('\n\n')[0].replace('\n', ' ')
+
+
+def _split_of(fns, split: str, n_test: int, n_train: int) -> list[dict]:
+  """Held-out files first, then a deterministic shuffle of the rest; test and train disjoint."""
+  held = [f for f in fns if f['held_out']]
+  rest = [f for f in fns if not f['held_out']]
+  order = _rng('stdlib-order').permutation(len(rest))
+  pool = held + [rest[i] for i in order]
+  return pool[:n_test] if split == 'test' else pool[n_test:n_test + n_train]
+
+
+def stdlib_mc_examples(split: str) -> list[dict]:
+  fns = [f for f in _documented_functions() if 20 <= len(_summary(f['doc'])) <= 200]
+  names = sorted({f['name'] for f in fns})
+  out = []
+  for f in _split_of(fns, split, 200, 32):
+    rng = _rng('stdlib_mc', f['file'], f['name'])
+    same_file = sorted({g['name'] for g in fns if g['file'] == f['file']} - {f['name']})
+    pool = same_file if len(same_file) >= 3 else sorted(set(names) - {f['name']})
+    choices = [pool[i] for i in rng.choice(len(pool), 3, replace=False)] + [f['name']]
+    choices = [choices[i] for i in rng.permutation(4)]
+    out.append({'id': f'stdlib_mc/{f["module"]}.{f["name"]}',
+                'query': f'Which function of {f["module"]} does this docstring document?\n'
+                         f'"""{_summary(f["doc"])}"""',
+                'choices': choices, 'gold': choices.index(f['name']), 'held_out': f['held_out']})
+  return out
+
+
+register(Task('stdlib_mc', 'multiple_choice', stdlib_mc_examples,
+              notes='4 choices: the right name and 3 other functions of the same module'))
+
+
+def stdlib_docstring_examples(split: str) -> list[dict]:
+  fns = [f for f in _documented_functions()
+         if 10 <= len(f['doc'].strip().splitlines()[0]) <= 120 and len(f['header']) <= 200]
+  out = []
+  for f in _split_of(fns, split, 200, 32):
+    first = f['doc'].strip().splitlines()[0].strip()
+    out.append({'id': f'stdlib_docstring/{f["module"]}.{f["name"]}',
+                'query': f['header'] + '    """', 'answer': first,
+                'shown': first + '"""', 'held_out': f['held_out']})
+  return out
+
+
+register(Task('stdlib_docstring', 'generate', stdlib_docstring_examples,
+              metrics=('rouge_l', 'f1', 'exact_match'), query_prefix='', answer_prefix='',
+              answer_separator='', example_separator='\n\n', until=('"""', '\n'),
+              max_tokens=32, notes="against the function's own first docstring line"))
+
+
+_CHECK = '''
+import doctest as _doctest, importlib as _importlib, sys as _sys, types as _types
+_mod = _importlib.import_module({module!r})
+_cand = {name}
+# Rebind the candidate to the module's globals: its body may use the module's helpers.
+_fn = _types.FunctionType(_cand.__code__, vars(_mod), _cand.__name__, _cand.__defaults__,
+                          _cand.__closure__)
+_fn.__kwdefaults__ = _cand.__kwdefaults__
+_globs = dict(vars(_mod), **{{{name!r}: _fn}})
+_test = _doctest.DocTestParser().get_doctest({doc!r}, _globs, {name!r}, None, 0)
+_runner = _doctest.DocTestRunner(optionflags=_doctest.ELLIPSIS | _doctest.NORMALIZE_WHITESPACE)
+_runner.run(_test, out=_sys.stderr.write)
+_sys.exit(1 if _runner.failures or not _test.examples else 0)
+'''
+
+
+@functools.cache
+def _code_problems() -> tuple[dict, ...]:
+  """Doctested functions whose own body passes its doctests in the sandbox (the rest could not
+  be solved by anyone: they need files, the network or state)."""
+  from train.evaluation import sandbox
+  cands = [f for f in _documented_functions() if '>>>' in f['doc'] and len(f['prompt']) <= 700
+           and len(f['body']) <= 600]
+  tests = [_CHECK.format(module=f['module'], name=f['name'], doc=f['doc']) for f in cands]
+  ok = sandbox.run_many([f['prompt'] + f['body'] + '\n' + t for f, t in zip(cands, tests)],
+                        sandbox.Limits(timeout_s=10.0))
+  return tuple(dict(f, test=t) for f, t, o in zip(cands, tests, ok) if o.passed)
+
+
+def stdlib_code_examples(split: str) -> list[dict]:
+  if split == 'train':
+    return []
+  return [{'id': f'stdlib_code/{f["module"]}.{f["name"]}', 'query': f['prompt'],
+           'test': f['test'], 'entry_point': f['name'], 'canonical': f['body'],
+           'held_out': f['held_out']} for f in _code_problems()]
+
+
+register(Task('stdlib_code', 'code', stdlib_code_examples, samples=10, temperature=0.8,
+              ks=(1, 5, 10), max_tokens=128, timeout_s=10.0,
+              notes="pass@k against the function's own doctests, run in the sandbox"))
+
+
+def stdlib_ppl_examples(split: str) -> list[dict]:
+  from configs.base import get_base
+  from train import corpus
+  if split == 'train':
+    return []
+  _, val_docs, _ = corpus.load_documents(get_base().data)
+  return [{'id': f'stdlib_ppl/{d.name}', 'text': d.text} for d in val_docs]
+
+
+register(Task('stdlib_ppl', 'perplexity', stdlib_ppl_examples,
+              notes="the quickstart's validation files, scored whole (rolling windows)"))

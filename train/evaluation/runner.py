@@ -1,0 +1,89 @@
+"""Evaluation runs end to end: tasks -> results JSON + metrics, lm-eval runs, judge checks.
+
+Shared by `launch.eval` (a workdir's checkpoint) and the trainer (`train.eval_tasks`, the live
+parameters every `train.eval_every` steps).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Callable, Sequence
+
+from train import paths
+from train.evaluation import harness
+
+
+def results_path(workdir: str, specs, step: int | None) -> str:
+  names = '+'.join(re.sub(r'[^\w.-]', '_', t.name + ''.join(f'_{v}' for v in harness._variant(s)))
+                   for t, s in specs)
+  if len(names) > 80:
+    names = f'{len(specs)}tasks'
+  return paths.join(workdir, 'eval', f'{names}-step{step if step is not None else "na"}.json')
+
+
+def save_results(results: dict, path: str) -> None:
+  """Written whole (temporary name, then rename): a reader never sees half a file."""
+  paths.makedirs(os.path.dirname(path))
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(results, f, indent=1, ensure_ascii=False)
+  os.replace(tmp, path)
+
+
+def run_and_save(model, specs, workdir: str, *, step: int | None = None,
+                 limit: int | None = None, out: str | None = None, write_metrics: bool = True,
+                 log: Callable[[str], None] = print) -> str:
+  """Evaluates `specs`, saves every record to `out` (default WORKDIR/eval/...) and, with
+  `write_metrics`, the means to WORKDIR/metrics.jsonl + TensorBoard at `step`."""
+  if step is None:
+    step = checkpoint_step(workdir)
+  results = harness.evaluate(model, specs, limit=limit, log=log)
+  results.update(workdir=workdir, step=step, limit=limit)
+  path = out or results_path(workdir, specs, step)
+  save_results(results, path)
+  log(harness.summary_table(results))
+  if write_metrics and step is not None:
+    from train.metrics import MetricsWriter
+    writer = MetricsWriter(workdir)
+    writer.write(step, harness.flat_metrics(results))
+    writer.close()
+  return path
+
+
+def checkpoint_step(workdir: str, step: int | None = None) -> int | None:
+  from train.checkpoint_stream import LeafReader
+  try:
+    return LeafReader(workdir, step, verify=False).step
+  except (OSError, ValueError):
+    return step
+
+
+def run_lm_eval(model, tasks: Sequence[str], include_path: str | None = None,
+                limit: int | None = None) -> str:
+  """Runs lm-evaluation-harness tasks on `model` (palmax's EvalModel behind lm_eval's LM);
+  returns lm_eval's results table."""
+  import lm_eval
+  from lm_eval.tasks import TaskManager
+  from lm_eval.utils import make_table
+  from train.evaluation.lm_eval_adapter import PalmaxLM
+  manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+  missing = [t for t in tasks if t not in manager.all_tasks]
+  if missing:
+    raise ValueError(f'--lm_eval_tasks: unknown task(s) {missing}' +
+                     ('' if include_path else ' (a local task needs --lm_eval_include=DIR)'))
+  out = lm_eval.simple_evaluate(model=PalmaxLM(model), tasks=list(tasks), task_manager=manager,
+                                limit=limit, log_samples=False)
+  return make_table(out)
+
+
+def meta_evaluate_judge(model, limit: int | None = None, rubric: str = 'correctness',
+                        rationale_tokens: int = 0) -> str:
+  """The judge's agreement with reference labels (kappa, Spearman) and its position bias, on
+  `limit` (default 100) arithmetic questions with known answers."""
+  from train.evaluation import autorater, calibration
+  if rubric not in autorater.RUBRICS:
+    raise ValueError(f'rubric must be one of {sorted(autorater.RUBRICS)}, got {rubric!r}')
+  labelled = calibration.reference_labelled_set(n=limit or 100)
+  judge = autorater.Judge(model, autorater.RUBRICS[rubric], rationale_tokens=rationale_tokens)
+  return calibration.format_report(calibration.meta_evaluate(judge, labelled))
