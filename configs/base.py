@@ -53,6 +53,10 @@ def get_base() -> ml_collections.ConfigDict:
       # (train/loss.py; memory for long sequences and large vocabularies).
       loss_chunk_tokens=0,
       log_every=10, eval_every=200, eval_batches=16,
+      # Task specs run at every evaluation (train/evaluation/, e.g. 'arithmetic,stdlib_mc:3shot'):
+      # results to WORKDIR/eval/, means to metrics.jsonl; '' = none. eval_tasks_limit: at most
+      # this many examples per task (0 = all).
+      eval_tasks='', eval_tasks_limit=0,
       checkpoint_every=200, keep_checkpoints=3, async_checkpoints=True,
       nan_policy='stop',      # stop | skip
       seed=0, peak_flops=0.0,  # 0 = measure the matmul peak at start (for MFU)

@@ -61,6 +61,8 @@ TRAIN_RULES = {
     'log_every': positive_int(),   # The trainer logs at step % log_every == 0.
     'eval_every': nonneg_int('0 = only at the end'),
     'eval_batches': nonneg_int('0 = the whole validation split'),
+    'eval_tasks': Rule('str', note="comma-separated task specs, e.g. 'arithmetic:3shot'"),
+    'eval_tasks_limit': nonneg_int('0 = every example'),
     'checkpoint_every': nonneg_int('0 = only at the end'),
     'keep_checkpoints': positive_int(),
     'async_checkpoints': BOOL,
@@ -209,6 +211,15 @@ def _cross_checks(cfg: Any, model_cfg: ModelConfig) -> None:
   """Consistency between fields that needs no device mesh."""
   t, data, mesh, sample = (cfg[k] for k in ('train', 'data', 'mesh', 'sample'))
   objectives.get(t['objective'])   # One line naming the registered ones if unknown.
+  if t.get('eval_tasks'):
+    from train.evaluation import task as task_lib
+    try:
+      task_lib.parse_specs(t['eval_tasks'])
+    except ValueError as e:
+      raise ConfigError(f'config.train.eval_tasks: {e}') from None
+    if cfg['pipeline'].get('stages'):
+      raise ConfigError('config.train.eval_tasks needs an unpipelined model '
+                        '(config.pipeline.stages=0); evaluate the checkpoints with launch.eval')
   if t['batch_size'] % t['grad_accum']:   # Wording as train/trainer.py:check_config.
     raise ConfigError(f'config.train.batch_size={t["batch_size"]} is not divisible by '
                       f'config.train.grad_accum={t["grad_accum"]}')

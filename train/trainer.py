@@ -122,6 +122,11 @@ def loop(run: run_lib.Run, log=print, stop_after: int | None = None) -> RunResul
     return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0)),
             'eval_bits_per_byte': loss / math.log(2) / data.val_bytes_per_token}
 
+  tasks = None
+  if t.get('eval_tasks'):   # Task evaluation beside the loss (train/evaluation/).
+    from train.evaluation.runner import PeriodicEval
+    tasks = PeriodicEval(t.eval_tasks, run.workdir, run.spec.graphdef, model_cfg, data.tokenizer,
+                         limit=t.get('eval_tasks_limit', 0))
   state, history = run.state, []
   last_metrics: dict = {}
   last_eval: dict = {}
@@ -171,6 +176,10 @@ def loop(run: run_lib.Run, log=print, stop_after: int | None = None) -> RunResul
           history.append(dict(last_eval, step=step))
           log(f'eval @ {step}: loss {last_eval["eval_loss"]:.4f}  ppl {last_eval["eval_perplexity"]:.2f}'
               f'  bits/byte {last_eval["eval_bits_per_byte"]:.4f}')
+          if tasks is not None:
+            scores = tasks(state['params'], step, log=lambda line: log(f'eval @ {step}: {line}'))
+            writer.write(step, scores)
+            last_eval = dict(last_eval, **scores)
           t_last = time.perf_counter()  # Keep eval time out of tokens/s.
           step_last = step
         stopping = stop.signum is not None or step == stop_after
@@ -187,6 +196,8 @@ def loop(run: run_lib.Run, log=print, stop_after: int | None = None) -> RunResul
   finally:
     ckpt.close()
     writer.close()
+    if tasks is not None:
+      tasks.close()
   run.state = state
   return RunResult(step=step, metrics=last_metrics, eval=last_eval, interrupted=interrupted,
                    history=history)

@@ -307,3 +307,14 @@ def test_cli_refuses_in_one_line(tmp_path, overrides, line):
   assert 'Traceback' not in r.stderr
   assert r.stderr.strip().splitlines() == [line], r.stderr[-3000:]
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+def test_eval_tasks_are_checked_before_any_work():
+  from configs.base import get_base
+  from train import config_schema
+  cfg = get_base()
+  cfg.train.eval_tasks = 'arithmetic:3shot,stdlib_mc'
+  config_schema.validate(cfg)
+  cfg.train.eval_tasks = 'arithmetic,nope'
+  with pytest.raises(ConfigError, match=r"config.train.eval_tasks: unknown task 'nope'"):
+    config_schema.validate(cfg)

@@ -167,15 +167,20 @@ _sys.exit(1 if _runner.failures or not _test.examples else 0)
 
 @functools.cache
 def _code_problems() -> tuple[dict, ...]:
-  """Doctested functions whose own body passes its doctests in the sandbox (the rest could not
-  be solved by anyone: they need files, the network or state)."""
+  """Doctested functions whose own body passes its doctests in the sandbox and an empty body
+  fails them (the rest either cannot be solved here, needing files, the network or state, or
+  pass anything: skipped or random-output examples)."""
   from train.evaluation import sandbox
   cands = [f for f in _documented_functions() if '>>>' in f['doc'] and len(f['prompt']) <= 700
            and len(f['body']) <= 600]
   tests = [_CHECK.format(module=f['module'], name=f['name'], doc=f['doc']) for f in cands]
-  ok = sandbox.run_many([f['prompt'] + f['body'] + '\n' + t for f, t in zip(cands, tests)],
-                        sandbox.Limits(timeout_s=10.0))
-  return tuple(dict(f, test=t) for f, t, o in zip(cands, tests, ok) if o.passed)
+  limits = sandbox.Limits(timeout_s=10.0)
+  own = sandbox.run_many([f['prompt'] + f['body'] + '\n' + t for f, t in zip(cands, tests)],
+                         limits)
+  empty = sandbox.run_many([f['prompt'] + '    pass\n\n' + t for f, t in zip(cands, tests)],
+                           limits)
+  return tuple(dict(f, test=t) for f, t, a, b in zip(cands, tests, own, empty)
+               if a.passed and not b.passed)
 
 
 def stdlib_code_examples(split: str) -> list[dict]:

@@ -81,6 +81,35 @@ class PalmaxModel:
                     completer.tokenizer)
     return cls(scorer, completer, engine, name=workdir)
 
+  @classmethod
+  def from_params(cls, graphdef, params, model_cfg, tokenizer, serve_overrides: dict | None = None,
+                  name: str = 'palmax') -> 'PalmaxModel':
+    """Live parameters (the trainer's, on its mesh) as an EvalModel; `set_params` swaps in
+    newer ones without recompiling."""
+    from model.inference.completion import Completer
+    from model.inference.engine import Engine
+    from model.inference.serve_config import ServeConfig
+    from train.scoring import Scorer
+    engine = Engine(graphdef, params, model_cfg, ServeConfig.from_dict(serve_overrides or {}),
+                    eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size,
+                    namespace=f'{name}/0')
+    mesh = engine.mesh
+    if mesh is None:
+      import jax
+      from model import sharding
+      mesh = sharding.make_mesh({'data': 1}, jax.devices()[:1])
+    scorer = Scorer(model_cfg, graphdef, params, mesh, tokenizer)
+    return cls(scorer, Completer(engine, tokenizer), engine, name=name)
+
+  def set_params(self, params) -> None:
+    """New values for the same parameters (same shapes and shardings). The engine's prefix
+    cache gets a new namespace: pages computed by the old parameters never match again."""
+    if self._loop is not None and self.engine.has_work():
+      raise RuntimeError('set_params while generations are running')
+    self.scorer.params = self.engine.params = params
+    self._version = getattr(self, '_version', 0) + 1
+    self.engine.namespace = f'{self.name}/{self._version}'
+
   @property
   def max_len(self) -> int:
     return self.scorer.model_cfg.max_seq_len

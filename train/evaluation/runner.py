@@ -51,6 +51,36 @@ def run_and_save(model, specs, workdir: str, *, step: int | None = None,
   return path
 
 
+class PeriodicEval:
+  """`train.eval_tasks` at each of the trainer's evaluations: the live parameters behind one
+  engine built at the first call (later calls swap parameters, no recompiles)."""
+
+  def __init__(self, specs: str, workdir: str, graphdef, model_cfg, tokenizer,
+               limit: int = 0, serve_overrides: dict | None = None):
+    from train.evaluation import task as task_lib
+    self.specs = task_lib.parse_specs(specs)
+    self.workdir, self.graphdef, self.model_cfg, self.tokenizer = (workdir, graphdef, model_cfg,
+                                                                   tokenizer)
+    self.limit, self.overrides, self.model = limit or None, serve_overrides, None
+
+  def __call__(self, params, step: int, log: Callable[[str], None] = print) -> dict:
+    """Runs the tasks on `params`; saves WORKDIR/eval/...-step<step>.json; -> flat means."""
+    from train.evaluation.lm import PalmaxModel
+    if self.model is None:
+      self.model = PalmaxModel.from_params(self.graphdef, params, self.model_cfg, self.tokenizer,
+                                           self.overrides, name=self.workdir)
+    else:
+      self.model.set_params(params)
+    results = harness.evaluate(self.model, self.specs, limit=self.limit, log=log)
+    results.update(workdir=self.workdir, step=step, limit=self.limit)
+    save_results(results, results_path(self.workdir, self.specs, step))
+    return harness.flat_metrics(results)
+
+  def close(self) -> None:
+    if self.model is not None:
+      self.model.close()
+
+
 def checkpoint_step(workdir: str, step: int | None = None) -> int | None:
   from train.checkpoint_stream import LeafReader
   try:
