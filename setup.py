@@ -2,6 +2,9 @@
 from setuptools import find_packages, setup
 
 SERVE = ['starlette>=0.37', 'uvicorn>=0.30', 'prometheus_client>=0.20', 'jinja2>=3.1']
+# launch.eval: Google's ROUGE (the scorer papers report) and EleutherAI's lm-evaluation-harness
+# (palmax registers as its model; its YAML tasks run unchanged).
+EVAL = ['rouge-score>=0.1.2', 'lm_eval>=0.4.5']
 
 setup(
     name='palmax',
@@ -26,9 +29,11 @@ setup(
         # launch.serve: an ASGI app (Starlette) on uvicorn, Prometheus metrics, jinja2 for
         # checkpoints' chat templates.
         'serve': SERVE,
-        # openai: the client the server is tested against.
+        'eval': EVAL,
+        # openai: the client the server is tested against; scikit-learn: the kappa reference;
+        # psutil: the sandbox tests look for leftover processes.
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'nbformat>=5.10', 'nbclient>=0.10', 'matplotlib',
-                 'ipykernel>=6.29', 'openai>=1.0'] + SERVE,
+                 'ipykernel>=6.29', 'openai>=1.0', 'scikit-learn', 'psutil'] + SERVE + EVAL,
         'tpu': ['jax[tpu]'],
         'cuda': ['jax[cuda12]'],
         'hf': ['torch>=2.4', 'transformers>=4.45', 'safetensors'],

@@ -21,6 +21,9 @@ _TASK_FILES = flags.DEFINE_list('task_files', [], 'Python files that register mo
 _LIMIT = flags.DEFINE_integer('limit', None, 'At most this many test examples per task.')
 _OUT = flags.DEFINE_string('out', None, 'Results JSON (default: WORKDIR/eval/...).')
 _NUM_SLOTS = flags.DEFINE_integer('num_slots', None, "Engine slots (default: the workdir's serve).")
+_CONFIG_MESH = flags.DEFINE_bool('config_mesh', False,
+                                 "Shard the model by the workdir config's mesh over every device "
+                                 '(default: one device).')
 _LIST = flags.DEFINE_bool('list_tasks', False, 'Print the registered tasks and exit.')
 _LM_EVAL = flags.DEFINE_list('lm_eval_tasks', [], 'Run these lm-evaluation-harness tasks.')
 _LM_EVAL_INCLUDE = flags.DEFINE_string('lm_eval_include', None,
@@ -53,7 +56,7 @@ def main(argv):
   from train.evaluation import runner
   from train.evaluation.lm import PalmaxModel
   overrides = {'num_slots': _NUM_SLOTS.value} if _NUM_SLOTS.value else None
-  model = PalmaxModel.load(_WORKDIR.value, _STEP.value, overrides)
+  model = PalmaxModel.load(_WORKDIR.value, _STEP.value, overrides, _CONFIG_MESH.value)
   try:
     if specs:
       path = runner.run_and_save(model, specs, _WORKDIR.value, limit=_LIMIT.value,

@@ -16,8 +16,9 @@ def load_config(workdir: str):
   return ml_collections.ConfigDict(json.loads(paths.read_bytes(path)))
 
 
-def load_model(workdir: str, step: int | None = None):
-  """(cfg, model_cfg, graphdef, params, tokenizer) from a workdir, on a 1-device mesh. Only the
+def load_model(workdir: str, step: int | None = None, on_config_mesh: bool = False):
+  """(cfg, model_cfg, graphdef, params, tokenizer) from a workdir, on a 1-device mesh, or with
+  `on_config_mesh` on the mesh and rules of the workdir's config over every device. Only the
   parameters are read (not the optimizer's moments, twice their size)."""
   import jax
   from model import sharding
@@ -25,8 +26,12 @@ def load_model(workdir: str, step: int | None = None):
   from train.tokenizer import load_workdir_tokenizer
 
   cfg = load_config(workdir)
-  mesh = sharding.make_mesh({'data': 1}, jax.devices()[:1])
-  model_cfg, graphdef, params, record = load_params(workdir, mesh, step=step)
+  rules = None
+  if on_config_mesh:
+    mesh, rules = sharding.mesh_from_config(cfg.mesh.to_dict(), jax.devices())
+  else:
+    mesh = sharding.make_mesh({'data': 1}, jax.devices()[:1])
+  model_cfg, graphdef, params, record = load_params(workdir, mesh, rules, step=step)
   tokenizer = load_workdir_tokenizer(workdir)   # palmax's own, or a converted checkpoint's.
   check_tokenizer(record, tokenizer, workdir)
   return cfg, model_cfg, graphdef, params, tokenizer
@@ -79,7 +84,8 @@ def sample_workdir(workdir: str, *, prompt: str, max_new_tokens: int, num_sample
   return out
 
 
-def load_completer(workdir: str, step: int | None = None, serve_overrides: dict | None = None):
+def load_completer(workdir: str, step: int | None = None, serve_overrides: dict | None = None,
+                   on_config_mesh: bool = False):
   """A workdir's model behind a serving engine: (Completer, Engine). Serving settings are the
   workdir config's `serve` section (older workdirs: the defaults) with `serve_overrides`; the
   chat template is the checkpoint's own (an imported HF tokenizer_config.json) if it has one."""
@@ -87,18 +93,21 @@ def load_completer(workdir: str, step: int | None = None, serve_overrides: dict 
   import os
   from model.inference.completion import Completer, jinja_chat_template
   from model.inference.engine import Engine
+  from model import sharding
   from model.inference.serve_config import ServeConfig
   from train import paths
 
-  cfg, model_cfg, graphdef, params, tok = load_model(workdir, step)
+  cfg, model_cfg, graphdef, params, tok = load_model(workdir, step, on_config_mesh)
   serve = dict(cfg.get('serve', {}) or {})
   serve.update({k: v for k, v in (serve_overrides or {}).items() if v is not None})
   serve_cfg = ServeConfig.from_dict(serve)
   fields = {f.name for f in dataclasses.fields(model_cfg)}
   namespace = json.dumps({k: getattr(model_cfg, k) for k in sorted(fields)}, default=str)
   namespace += getattr(tok, 'digest', '') + os.path.abspath(workdir) + str(step)
+  rules = (sharding.check_rules(sharding.resolve_preset(cfg.mesh.to_dict())[1]) if on_config_mesh
+           else None)
   engine = Engine(graphdef, params, model_cfg, serve_cfg, eos_id=tok.eos_id,
-                  vocab_limit=tok.vocab_size, namespace=namespace)
+                  vocab_limit=tok.vocab_size, namespace=namespace, rules=rules)
   template = None
   tc = paths.join(workdir, 'hf_tokenizer', 'tokenizer_config.json')
   if paths.exists(tc):

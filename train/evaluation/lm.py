@@ -72,11 +72,13 @@ class PalmaxModel:
     self._loop = None
 
   @classmethod
-  def load(cls, workdir: str, step: int | None = None, serve_overrides: dict | None = None
-           ) -> 'PalmaxModel':
+  def load(cls, workdir: str, step: int | None = None, serve_overrides: dict | None = None,
+           on_config_mesh: bool = False) -> 'PalmaxModel':
+    """`workdir`'s checkpoint on one device, or with `on_config_mesh` sharded by its config's
+    mesh and rules over every device (a model too big for one chip; data parallel scoring)."""
     from launch.workdir import load_completer
     from train.scoring import Scorer
-    completer, engine = load_completer(workdir, step, serve_overrides)
+    completer, engine = load_completer(workdir, step, serve_overrides, on_config_mesh)
     scorer = Scorer(engine.model_cfg, engine.graphdef, engine.params, engine.mesh,
                     completer.tokenizer)
     return cls(scorer, completer, engine, name=workdir)

@@ -115,3 +115,31 @@ def test_set_params_gives_what_a_fresh_model_gives(model, trained_workdir):
   finally:
     model.set_params(original)
   assert model.generate(prompts, gen) == before
+
+
+@pytest.mark.slow
+def test_on_the_config_mesh_scores_and_generations_equal_one_device(model, trained_workdir,
+                                                                     tmp_path):
+  import json
+  import shutil
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(trained_workdir[0], workdir)
+  cfg_path = f'{workdir}/config.json'
+  cfg = json.load(open(cfg_path))
+  cfg['mesh'].update(data=-1, fsdp=2, tensor=2)     # 2 x 2 x 2 over the 8 simulated devices.
+  json.dump(cfg, open(cfg_path, 'w'))
+  sharded = PalmaxModel.load(workdir, serve_overrides=dict(num_slots=4, max_queue=8),
+                             on_config_mesh=True)
+  try:
+    assert dict(sharded.engine.mesh.shape)['tensor'] == 2
+    pairs = [('def f', '(x):'), ('import', ' os'), ('x = 1', '\n')] * 3
+    for (a, ga), (b, gb) in zip(model.loglikelihood(pairs), sharded.loglikelihood(pairs)):
+      assert a == pytest.approx(b, abs=1e-4)
+    text = ['\n'.join(f'def func_{i}(x):\n    return x + {i}' for i in range(8))]
+    assert sharded.loglikelihood_rolling(text)[0][0] == pytest.approx(
+        model.loglikelihood_rolling(text)[0][0], abs=1e-3)
+    prompts = ['def func_1', 'import', 'class A']
+    gen = Generation(max_tokens=8)
+    assert sharded.generate(prompts, gen) == model.generate(prompts, gen)
+  finally:
+    sharded.close()
