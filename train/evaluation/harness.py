@@ -51,7 +51,8 @@ def _variant(style: prompting.Style) -> list[str]:
 
 
 def _multiple_choice(model, task, style, examples, prompts):
-  pairs = [(p, task.answer_separator + c) for p, ex in zip(prompts, examples) for c in ex['choices']]
+  pairs = [(p, task.answer_separator + c)
+           for p, ex in zip(prompts, examples) for c in ex['choices']]
   scores = iter(model.loglikelihood(pairs))
   records, values = [], {m: [] for m in task.metrics}
   for p, ex in zip(prompts, examples):

@@ -23,7 +23,10 @@ import functools
 import importlib.util
 import json
 import os
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+  from train.evaluation.prompting import Style
 
 KINDS = ('multiple_choice', 'generate', 'code', 'perplexity')
 SPLITS = ('test', 'train')
@@ -38,9 +41,10 @@ class Task:
   `examples(split)` returns the split's examples in a fixed order. Prompting: `description` opens
   every prompt; an example reads `query_prefix + query + answer_prefix` and, shown as a k-shot
   example, continues with `answer_separator` + answer (or the example's `shown` text; chain of
-  thought: the rationale); multiple-choice continuations are `answer_separator` + choice. Generation stops at
-  `until` (chain of thought at `cot_until`) after at most `max_tokens`; `answer_patterns` pull the
-  answer out of a response (metrics.extract_answer; empty = the whole response). Code tasks draw
+  thought: the rationale); multiple-choice continuations are `answer_separator` + choice.
+  Generation stops at `until` (chain of thought at `cot_until`) after at most `max_tokens`;
+  `answer_patterns` pull the answer out of a response (metrics.extract_answer; empty = the whole
+  response). Code tasks draw
   `samples` candidates at `temperature` and report pass@k for each k in `ks`."""
   name: str
   kind: str
@@ -140,7 +144,7 @@ def jsonl_examples(test_path: str, train_path: str | None = None) -> Callable[[s
   return examples
 
 
-def parse_specs(specs: str | Sequence[str]) -> list[tuple[Task, 'Style']]:
+def parse_specs(specs: str | Sequence[str]) -> list[tuple[Task, Style]]:
   """'arithmetic,arithmetic:3shot:cot' -> [(task, Style)]: the variants of a run."""
   from train.evaluation.prompting import Style
   if isinstance(specs, str):

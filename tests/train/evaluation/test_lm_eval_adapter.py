@@ -2,7 +2,6 @@
 local files: palmax's harness, `transformers` on the same token ids (log-likelihoods within
 1e-4), and lm-evaluation-harness through the palmax model (the same accuracy and scores)."""
 import json
-import os
 
 import numpy as np
 import pytest
