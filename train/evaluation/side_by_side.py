@@ -164,3 +164,33 @@ def import_labels(path, items: Sequence[dict]) -> list[str]:
     raise ValueError(f'{path}: {len(missing)} of {len(items)} items have no label (first: '
                      f'{missing[0]!r})')
   return labels
+
+
+def pairs_from_results(results_a: dict, results_b: dict, spec: str) -> list[dict]:
+  """Side-by-side items from two `launch.eval` results (two models, or two prompting styles)
+  on the same generation task variant `spec`: one per example both answered, `a` the first
+  run's response and `b` the second's. Which is shown on the left is the rater's concern: the
+  HTML page presents them as A and B; swap the arguments for a second pass to measure bias."""
+  runs = []
+  for name, res in (('first', results_a), ('second', results_b)):
+    task = res.get('tasks', {}).get(spec)
+    if task is None:
+      raise ValueError(f'the {name} results have no task {spec!r} (they have '
+                       f'{sorted(res.get("tasks", {}))})')
+    if task['kind'] != 'generate':
+      raise ValueError(f'{spec!r} is a {task["kind"]} task; side by side compares generations')
+    runs.append({r['id']: r for r in task['records']})
+  common = [i for i in runs[0] if i in runs[1]]
+  if not common:
+    raise ValueError(f'the two results share no example of {spec!r}')
+  return with_ids([{'prompt': runs[0][i]['prompt'], 'a': runs[0][i]['response'],
+                    'b': runs[1][i]['response'], 'example': i} for i in common])
+
+
+def win_rate(labels: Sequence[str]) -> dict:
+  """How often `a` is preferred, a tie counting half, with a 95% bootstrap interval."""
+  from train.evaluation.metrics import summarize
+  bad = [x for x in labels if x not in LABELS]
+  if bad:
+    raise ValueError(f'labels must be in {LABELS}, got {bad[0]!r}')
+  return summarize([{'a': 1.0, 'b': 0.0, 'tie': 0.5}[x] for x in labels])
