@@ -28,14 +28,18 @@ def get_base() -> ml_collections.ConfigDict:
       {k: v for k, v in ModelConfig().to_dict().items() if k != 'moe'})
 
   cfg.data = ml_collections.ConfigDict(dict(
-      source='stdlib',        # stdlib | text | jsonl | tfds
+      source='stdlib',        # stdlib | text | jsonl | tfds | sft (train/sft_data.py)
       paths=(),               # files or globs for text/jsonl: --config.data.paths='("a/*.txt",)'
       text_key='text',
       tfds_name='', tfds_split='train', tfds_data_dir='',
       val_fraction=0.01, max_docs=0, seq_len=256, seed=0,
       # False: each packed document attends only to itself, positions restarting at 0 (SFT
       # examples); True: windows of the concatenated stream, as in pretraining.
-      attend_across_documents=True))
+      attend_across_documents=True,
+      # source='sft': a bundled task (train/sft_tasks.py, e.g. 'stdlib_functions') or JSONL
+      # records in `paths` (+ `sft_val_paths` for validation); examples packed into rows
+      # (`sft_packing`), one longer than a row 'truncate'd or 'drop'ped (`sft_overflow`).
+      sft_task='', sft_val_paths=(), sft_packing=True, sft_overflow='truncate'))
   cfg.data.tokenizer = ml_collections.ConfigDict(dict(
       model_type='bpe', path='', train_bytes=8_000_000))
   # One source of truth: the tokenizer is trained to the model's vocabulary size.

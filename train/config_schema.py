@@ -22,7 +22,7 @@ from train import corpus, objectives, tokenizer
 SEED = nonneg_int()
 
 DATA_RULES = {
-    'source': choice(corpus.SOURCES),
+    'source': choice(corpus.SOURCES + ('sft',)),
     'paths': Rule('strs', note='files or globs, for source text or jsonl'),
     'text_key': Rule('str', lo=1),
     'tfds_name': Rule('str', note='required for source tfds'),
@@ -33,6 +33,10 @@ DATA_RULES = {
     'seq_len': positive_int(),
     'seed': SEED,
     'attend_across_documents': BOOL,
+    'sft_task': Rule('str', note="a bundled SFT task (train/sft_tasks.py), '' = data.paths"),
+    'sft_val_paths': Rule('strs', note='JSONL validation records for source sft'),
+    'sft_packing': BOOL,
+    'sft_overflow': choice(('truncate', 'drop')),
     'tokenizer': Rule('section'),
 }
 TOKENIZER_RULES = {
@@ -211,6 +215,10 @@ def _cross_checks(cfg: Any, model_cfg: ModelConfig) -> None:
   """Consistency between fields that needs no device mesh."""
   t, data, mesh, sample = (cfg[k] for k in ('train', 'data', 'mesh', 'sample'))
   objectives.get(t['objective'])   # One line naming the registered ones if unknown.
+  if (data['source'] == 'sft') != (t['objective'] == 'sft'):
+    raise ConfigError(f"config.data.source={data['source']!r} with config.train.objective="
+                      f"{t['objective']!r}: SFT records train with the 'sft' objective (loss on "
+                      "completion tokens only) and it needs data.source='sft'")
   if t.get('eval_tasks'):
     from train.evaluation import task as task_lib
     try:

@@ -76,7 +76,11 @@ class Batches:
   """
 
   def __init__(self, tokens: np.ndarray, seq_len: int, global_batch_size: int, seed: int = 0,
-               process_index: int = 0, process_count: int = 1, name: str = 'training data'):
+               process_index: int = 0, process_count: int = 1, name: str = 'training data',
+               extras: dict[str, np.ndarray] | None = None):
+    """`extras` (SFT's packed rows): streams aligned with `tokens` — 'loss' (the weight of
+    predicting each token), 'segment_ids' and 'positions' (of each token as an input); then a
+    batch is the dict of objective fields instead of the bare windows."""
     if seq_len < 1:
       raise ValueError(f'data.seq_len must be >= 1, got {seq_len}')
     self._rows = _shard_rows(global_batch_size, process_index, process_count, 'global_batch_size')
@@ -86,6 +90,7 @@ class Batches:
       raise ValueError(f'{name}: {len(tokens)} tokens is fewer than one window of '
                        f'seq_len + 1 = {self.window} tokens; add data or lower data.seq_len')
     self._tokens_N = tokens
+    self._extras = extras
     self.seq_len = seq_len
     self.global_batch_size = global_batch_size
     self.seed = seed
@@ -118,11 +123,15 @@ class Batches:
   def __iter__(self) -> 'Batches':
     return self
 
-  def __next__(self) -> np.ndarray:
-    """int32 [global_batch_size / process_count, seq_len + 1]."""
+  def __next__(self) -> np.ndarray | dict[str, np.ndarray]:
+    """int32 [global_batch_size / process_count, seq_len + 1]; with `extras`, the batch fields
+    {'tokens', 'loss_mask' [B, T], 'segment_ids' [B, T], 'positions' [B, T]}."""
     window_ids_B = self._next_window_ids()[self._rows]
     offsets_BW = window_ids_B[:, None] * self.window + np.arange(self.window)[None, :]
-    return np.asarray(self._tokens_N[offsets_BW], dtype=np.int32)
+    tokens_BW = np.asarray(self._tokens_N[offsets_BW], dtype=np.int32)
+    if self._extras is None:
+      return tokens_BW
+    return rows_fields(tokens_BW, {k: v[offsets_BW] for k, v in self._extras.items()})
 
   def state(self) -> dict[str, int]:
     """JSON-serialisable position: the next example is permutation(seed, epoch)[index]."""
@@ -179,6 +188,13 @@ def validation_batches(val_tokens: np.ndarray, seq_len: int, batch_size: int,
   weights_RT = (target_pos_RT <= num_targets).astype(np.float32)
   return [(tokens_RW[b * batch_size:(b + 1) * batch_size],
            weights_RT[b * batch_size:(b + 1) * batch_size]) for b in range(num_batches)]
+
+
+def rows_fields(tokens_BW: np.ndarray, extras_BW: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Batch fields of row-aligned windows (`Batches` extras): targets' weights, inputs' segments."""
+  return {'tokens': tokens_BW, 'loss_mask': np.asarray(extras_BW['loss'][:, 1:], np.float32),
+          'segment_ids': np.asarray(extras_BW['segment_ids'][:, :-1], np.int32),
+          'positions': np.asarray(extras_BW['positions'][:, :-1], np.int32)}
 
 
 def document_ids(inputs_BT: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -61,12 +61,17 @@ class Run:
   def step(self) -> int:
     return int(jax.device_get(self.state['step']))
 
-  def batch(self, tokens_BW: np.ndarray, loss_mask_BT: np.ndarray | None = None,
+  def batch(self, tokens_BW: np.ndarray | dict, loss_mask_BT: np.ndarray | None = None,
             global_rows: int | None = None) -> dict:
     """The objective's fields for these windows, as global arrays sharded over the batch axes.
-    `global_rows` given: `tokens_BW` holds this process's rows of that many; else all rows."""
-    fields = data_lib.batch_fields(tokens_BW, self.objective.batch_fields(),
-                                   self.data.tokenizer.eos_id, loss_mask_BT)
+    `global_rows` given: `tokens_BW` holds this process's rows of that many; else all rows.
+    A dict (SFT's packed rows) already holds every field."""
+    if isinstance(tokens_BW, dict):
+      fields = {k: tokens_BW[k] for k in self.objective.batch_fields()}
+      tokens_BW = tokens_BW['tokens']
+    else:
+      fields = data_lib.batch_fields(tokens_BW, self.objective.batch_fields(),
+                                     self.data.tokenizer.eos_id, loss_mask_BT)
     if global_rows is None:
       return {k: jax.make_array_from_callback(v.shape, self.batch_sharding, lambda i, v=v: v[i])
               for k, v in fields.items()}
@@ -112,8 +117,11 @@ def build(cfg, workdir: str, log=print) -> Run:
       resume.check_same_data(cfg, record, where)
     # Each process reads only the rows its devices hold (processes holding the same rows, e.g.
     # different pipeline stages, read the same block). Nothing is written unless it all fits.
-    data = data_lib.build_data(cfg, workdir, *sharding.process_rows(batch_sh, t.batch_size),
-                               resume=record, resume_from=where)
+    build = data_lib.build_data
+    if cfg.data.source == 'sft':   # Demonstration records, packed with their loss masks.
+      from train.sft_data import build_sft_data as build
+    data = build(cfg, workdir, *sharding.process_rows(batch_sh, t.batch_size), resume=record,
+                 resume_from=where)
     if data.tokenizer.vocab_size > model_cfg.vocab_size:
       raise ConfigError(f'the tokenizer has {data.tokenizer.vocab_size} tokens but '
                         f'config.model.vocab_size={model_cfg.vocab_size}')

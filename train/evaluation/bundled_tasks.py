@@ -8,6 +8,8 @@
   stdlib_code       code             a stdlib function's body from its signature and docstring,
                                      checked by the docstring's own doctests (pass@k)
   stdlib_ppl        perplexity       bits per byte over the stdlib files the quickstart holds out
+  stdlib_functions  generate         the SFT task's test split (train/sft_tasks.py): a body from
+                                     signature + docstring (parses, exact code, ROUGE-L)
 
 The stdlib tasks read the running Python's standard library, the quickstart's training corpus:
 every stdlib example records `held_out` (its file is in the quickstart's validation split), so a
@@ -207,3 +209,18 @@ def stdlib_ppl_examples(split: str) -> list[dict]:
 
 register(Task('stdlib_ppl', 'perplexity', stdlib_ppl_examples,
               notes="the quickstart's validation files, scored whole (rolling windows)"))
+
+
+def stdlib_functions_examples(split: str) -> list[dict]:
+  """The SFT task's test split (train/sft_tasks.py: disjoint from its training files)."""
+  from train import sft_tasks
+  if split == 'train':
+    return []
+  return [{'id': f'stdlib_functions/{r["source"]}', 'query': r['prompt'],
+           'answer': r['completion']} for r in sft_tasks.stdlib_functions('test')]
+
+
+register(Task('stdlib_functions', 'generate', stdlib_functions_examples,
+              metrics=('parses', 'code_exact', 'rouge_l'), query_prefix='', answer_prefix='',
+              answer_separator='', until=('\ndef ', '\nclass ', '\n@', '\nif __name__'),
+              max_tokens=128, notes='the SFT task: a body from signature + docstring'))

@@ -110,9 +110,27 @@ def summarize(values: Sequence[float], seed: int = 0) -> dict:
           'n': int(x.size)}
 
 
+def code_exact(prediction: str, references: Sequence[str]) -> float:
+  """The code exactly, up to trailing whitespace on each line and at the ends."""
+  norm = lambda t: '\n'.join(line.rstrip() for line in t.strip('\n').splitlines())
+  return float(any(norm(prediction) == norm(r) for r in references))
+
+
+def parses_as_body(prediction: str, references: Sequence[str] = ()) -> float:
+  """Whether `prediction` is a syntactically valid function body (Python's own parser)."""
+  import ast
+  try:
+    ast.parse('def _f():\n' + prediction)
+  except (SyntaxError, ValueError):
+    return 0.0
+  return 1.0
+
+
 # Generation metrics by name: (prediction, references) -> float. A task lists the ones it reports.
 GENERATION_METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
     'exact_match': exact_match,
     'f1': token_f1,
     'rouge_l': rouge_l,
+    'code_exact': code_exact,
+    'parses': parses_as_body,
 }

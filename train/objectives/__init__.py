@@ -6,5 +6,6 @@ a reward model) is one new module here that calls `register`, plus its import be
 """
 from train.objectives.base import OBJECTIVES, Objective, get, register
 from train.objectives import lm  # noqa: E402  (registers 'lm')
+from train.objectives import sft  # noqa: E402  (registers 'sft')
 
-__all__ = ['OBJECTIVES', 'Objective', 'get', 'register', 'lm']
+__all__ = ['OBJECTIVES', 'Objective', 'get', 'register', 'lm', 'sft']
