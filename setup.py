@@ -31,9 +31,10 @@ setup(
         'serve': SERVE,
         'eval': EVAL,
         # openai: the client the server is tested against; scikit-learn: the kappa reference;
-        # psutil: the sandbox tests look for leftover processes.
+        # psutil: the sandbox tests look for leftover processes; trl: the SFT loss reference;
+        # peft: LoRA adapter interop.
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'nbformat>=5.10', 'nbclient>=0.10', 'matplotlib',
-                 'ipykernel>=6.29', 'openai>=1.0', 'scikit-learn', 'psutil'] + SERVE + EVAL,
+                 'ipykernel>=6.29', 'openai>=1.0', 'scikit-learn', 'psutil', 'trl', 'peft'] + SERVE + EVAL,
         'tpu': ['jax[tpu]'],
         'cuda': ['jax[cuda12]'],
         'hf': ['torch>=2.4', 'transformers>=4.45', 'safetensors'],
