@@ -28,8 +28,8 @@ setup(
     extras_require={
         # launch.serve: an ASGI app (Starlette) on uvicorn, Prometheus metrics, jinja2 for
         # checkpoints' chat templates.
-        'serve': SERVE,
-        'eval': EVAL,
+        'serve': [*SERVE],
+        'eval': [*EVAL],
         # openai: the client the server is tested against; scikit-learn: the kappa reference;
         # psutil: the sandbox tests look for leftover processes; trl: the SFT loss reference;
         # peft: LoRA adapter interop.

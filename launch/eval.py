@@ -54,6 +54,7 @@ def main(argv):
   if _LIMIT.value is not None and _LIMIT.value < 1:
     raise ValueError(f'--limit must be >= 1, got {_LIMIT.value}')
   from train.evaluation import runner
+  manager = runner.lm_eval_tasks(_LM_EVAL.value, _LM_EVAL_INCLUDE.value) if _LM_EVAL.value else None
   from train.evaluation.lm import PalmaxModel
   overrides = {'num_slots': _NUM_SLOTS.value} if _NUM_SLOTS.value else None
   model = PalmaxModel.load(_WORKDIR.value, _STEP.value, overrides, _CONFIG_MESH.value)
@@ -64,7 +65,7 @@ def main(argv):
                                  out=_OUT.value, write_metrics=_WRITE_METRICS.value, log=print)
       print(f'results: {path}')
     if _LM_EVAL.value:
-      print(runner.run_lm_eval(model, _LM_EVAL.value, _LM_EVAL_INCLUDE.value, _LIMIT.value))
+      print(runner.run_lm_eval(model, _LM_EVAL.value, manager, _LIMIT.value))
     if _AUTORATER.value:
       print(runner.meta_evaluate_judge(model, limit=_LIMIT.value, rubric=_RUBRIC.value))
   finally:

@@ -62,10 +62,6 @@ def test_sft_learns_resumes_exactly_and_keeps_its_tokenizer(trained_workdir, sft
   evals = [h['eval_loss'] for h in result.history if 'eval_loss' in h]
   losses = [h['loss'] for h in result.history if 'loss' in h]
   assert len(evals) == 2 and evals[1] < evals[0] and losses[-1] < losses[0]
-  # The response loss of the untuned model is higher still (step 0 of a run with lr 0).
-  untuned = trainer.train(_cfg(base, sft_files, steps=1, lr=0.0, warmup_steps=0),
-                          str(tmp_path / 'untuned'), log=lambda *_: None)
-  assert untuned.eval['eval_loss'] > evals[-1]
   assert np.isfinite(result.eval['eval_bits_per_byte'])
 
   resumed = str(tmp_path / 'resumed')
@@ -73,7 +69,8 @@ def test_sft_learns_resumes_exactly_and_keeps_its_tokenizer(trained_workdir, sft
   assert ckpt_lib.Checkpointer(resumed).latest_step() == 3
   second = trainer.train(_cfg(base, sft_files), resumed, log=lambda *_: None)
   from launch.workdir import load_model
-  for a, b in zip(jax.tree.leaves(load_model(straight)[3]), jax.tree.leaves(load_model(resumed)[3])):
+  pairs = zip(jax.tree.leaves(load_model(straight)[3]), jax.tree.leaves(load_model(resumed)[3]))
+  for a, b in pairs:
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   assert second.eval['eval_loss'] == pytest.approx(result.eval['eval_loss'], rel=1e-6)
   assert os.path.exists(os.path.join(straight, 'tokenizer.model'))

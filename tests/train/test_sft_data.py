@@ -38,7 +38,8 @@ def test_the_three_record_formats(tok):
   trained = [tok.decode(s) for s, w in segs if w]
   assert trained == ['Hello', 'Ciao'] and all(s[-1] == tok.eos_id for s, w in segs if w)
   untrained = ''.join(tok.decode(s) for s, w in segs if not w)
-  assert untrained == '<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n<|user|>\nBye\n<|assistant|>\n'
+  assert untrained == ('<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n<|user|>\nBye\n'
+                       '<|assistant|>\n')
   # Serving renders the conversation so far exactly as training saw it.
   ids, _ = _flat(segs[:-1])
   assert chat.prompt_ids(msgs[:-1]) == ids

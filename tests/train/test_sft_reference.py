@@ -64,8 +64,9 @@ def _chat_tokenizer(directory, template, bos='<|begin|>', eos='<|end|>'):
   tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tk.decoder = decoders.ByteLevel()
   text = ['You are helpful. What is 2 + 2? It is 4. Thanks! Bye now, see you.'] * 50
-  tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  bpe = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tk.train_from_iterator(text, bpe)
   os.makedirs(directory, exist_ok=True)
   tk.save(os.path.join(directory, 'tokenizer.json'))
   with open(os.path.join(directory, 'tokenizer_config.json'), 'w') as f:
@@ -79,7 +80,8 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['cont
           "{{ '<|im_start|>assistant\n' }}{% endif %}")
 LLAMA3_LIKE = ("{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + "
                "'<|im_end|>\n\n' + m['content'] | trim + '<|eot|>' }}{% endfor %}"
-               "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_end|>\n\n' }}{% endif %}")
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_end|>\n\n' }}"
+               '{% endif %}')
 MESSAGES = [{'role': 'system', 'content': 'You are helpful.'},
             {'role': 'user', 'content': 'What is 2 + 2?'},
             {'role': 'assistant', 'content': 'It is 4.'},

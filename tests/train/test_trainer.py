@@ -152,15 +152,16 @@ def test_eval_tasks_run_at_each_evaluation_on_the_live_parameters(corpus_glob, t
   import json
   workdir = str(tmp_path / 'w')
   cfg = tiny_train_config(corpus_glob, steps=4, eval_every=2, checkpoint_every=4,
-                          eval_tasks='arithmetic:2shot,stdlib_mc', eval_tasks_limit=3)
+                          eval_tasks='stdlib_mc:2shot,stdlib_mc', eval_tasks_limit=3)
   lines = []
   result = trainer.train(cfg, workdir, log=lines.append)
   rows = [json.loads(x) for x in open(os.path.join(workdir, 'metrics.jsonl'))]
   scored = [r for r in rows if 'eval/stdlib_mc/acc' in r]
   assert [r['step'] for r in scored] == [2, 4]
-  assert 'eval/arithmetic:2shot/exact_match' in result.eval
+  assert 'eval/stdlib_mc:2shot/acc' in result.eval
   assert any(line.startswith('eval @ 4: stdlib_mc: acc') for line in lines)
-  runs = [json.load(open(os.path.join(workdir, 'eval', f'arithmetic_2shot+stdlib_mc-step{s}.json')))
+  name = 'stdlib_mc_2shot+stdlib_mc-step{}.json'
+  runs = [json.load(open(os.path.join(workdir, 'eval', name.format(s))))
           for s in (2, 4)]
   lls = [r['tasks']['stdlib_mc']['records'][0]['loglikelihoods'] for r in runs]
   assert lls[0] != lls[1]   # Step 4 scored the step-4 parameters, not the step-2 ones.

@@ -89,19 +89,23 @@ def checkpoint_step(workdir: str, step: int | None = None) -> int | None:
     return step
 
 
-def run_lm_eval(model, tasks: Sequence[str], include_path: str | None = None,
-                limit: int | None = None) -> str:
-  """Runs lm-evaluation-harness tasks on `model` (palmax's EvalModel behind lm_eval's LM);
-  returns lm_eval's results table."""
-  import lm_eval
+def lm_eval_tasks(tasks: Sequence[str], include_path: str | None = None):
+  """lm-evaluation-harness's TaskManager after checking every name (before any model loads)."""
   from lm_eval.tasks import TaskManager
-  from lm_eval.utils import make_table
-  from train.evaluation.lm_eval_adapter import PalmaxLM
   manager = TaskManager(include_path=include_path) if include_path else TaskManager()
   missing = [t for t in tasks if t not in manager.all_tasks]
   if missing:
     raise ValueError(f'--lm_eval_tasks: unknown task(s) {missing}' +
                      ('' if include_path else ' (a local task needs --lm_eval_include=DIR)'))
+  return manager
+
+
+def run_lm_eval(model, tasks: Sequence[str], manager, limit: int | None = None) -> str:
+  """Runs lm-evaluation-harness tasks on `model` (palmax's EvalModel behind lm_eval's LM);
+  returns lm_eval's results table."""
+  import lm_eval
+  from lm_eval.utils import make_table
+  from train.evaluation.lm_eval_adapter import PalmaxLM
   out = lm_eval.simple_evaluate(model=PalmaxLM(model), tasks=list(tasks), task_manager=manager,
                                 limit=limit, log_samples=False)
   return make_table(out)

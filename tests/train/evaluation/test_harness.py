@@ -68,7 +68,7 @@ BODIES = {
     'right': '    return a + b\n',
     'wrong': '    return a - b\n',
     'loop': '    while True:\n        pass\n',
-    'memory': '    x = []\n    while True:\n        x.append(bytearray(10**7))\n',
+    'memory': '    x = []\n    while True:\n        x.append(bytearray(10**8))\n',
     'network': ('    import socket\n    try:\n        socket.create_connection(("127.0.0.1", 9))\n'
                 '    except Exception:\n        pass\n    return a + b\n'),
     'spawn': '    import os\n    os.system("true")\n    return a + b\n',
@@ -79,12 +79,12 @@ def test_code_candidates_that_loop_allocate_or_reach_out_fail_without_hanging():
   prompt = 'def add(a, b):\n    """Sum."""\n'
   t = task_lib.Task('code_fake', 'code', lambda s: [
       {'query': prompt, 'test': 'assert add(2, 3) == 5\n', 'entry_point': 'add'}],
-      samples=len(BODIES), ks=(1, 3), timeout_s=2.0)
+      samples=len(BODIES), ks=(1, 3), timeout_s=5.0)   # Room for a busy machine's start-up.
   kinds = list(BODIES)
   model = Scripted(gen=lambda p, i: BODIES[kinds[i]])
   t0 = time.perf_counter()
   r = harness.evaluate(model, [(t, Style())])['tasks']['code_fake']
-  assert time.perf_counter() - t0 < 30
+  assert time.perf_counter() - t0 < 60
   rec = r['records'][0]
   status = dict(zip(kinds, (o['status'] for o in rec['outcomes'])))
   assert status == {'right': 'passed', 'wrong': 'failed', 'loop': 'timeout', 'memory': 'memory',

@@ -56,17 +56,21 @@ def test_choice_loglikelihoods_equal_transformers(imported, ours):
   src, model, _, _ = imported
   hf = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
   tok = model.tokenizer
-  worst = 0.0
+  rows = []   # (ids, context length, palmax's score) of every choice of every item
   assert len(ours['records']) == N_ITEMS
   for rec in ours['records']:
     ctx = [tok.doc_start_id] + tok.encode(rec['prompt'])
     for choice, ll in zip(rec['choices'], rec['loglikelihoods']):
-      cont = tok.encode(' ' + choice)
-      ids = torch.tensor([ctx + cont])
-      with torch.no_grad():
-        logp = torch.log_softmax(hf(ids).logits[0, :-1].double(), -1)
-      want = float(logp[torch.arange(len(ctx) - 1, ids.shape[1] - 1), ids[0, len(ctx):]].sum())
-      worst = max(worst, abs(want - ll))
+      rows.append((ctx + tok.encode(' ' + choice), len(ctx), ll))
+  width = max(len(ids) for ids, _, _ in rows)
+  batch = torch.tensor([ids + [0] * (width - len(ids)) for ids, _, _ in rows])  # Right-padded.
+  with torch.no_grad():
+    logp = torch.log_softmax(hf(batch).logits[:, :-1].double(), -1)
+  worst = 0.0
+  for r, (ids, n_ctx, ll) in enumerate(rows):
+    pos = torch.arange(n_ctx - 1, len(ids) - 1)
+    want = float(logp[r, pos, torch.tensor(ids[n_ctx:])].sum())
+    worst = max(worst, abs(want - ll))
   assert worst < 1e-4, worst
   # Not a degenerate task: the scores separate the choices.
   assert len({round(x, 3) for r in ours['records'] for x in r['loglikelihoods']}) > N_ITEMS
