@@ -61,15 +61,9 @@ def main(argv):
                           f'{os.path.basename(_B.value)}')
     print(f'{len(items)} pairs: {out}/pairs.html (for raters), {out}/pairs.jsonl')
     return
+  from train import paths
   pairs_path = _need(_PAIRS, 'score')
-  items = []
-  with open(pairs_path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          items.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise ValueError(f'{pairs_path}:{n}: not JSON ({e.msg})') from None
+  items = [obj for obj, _ in paths.read_jsonl(pairs_path, '--pairs')]
   labels = sxs.import_labels(_need(_LABELS, 'score'), items)
   w = sxs.win_rate(labels)
   print(f'A preferred {w["mean"]:.3f} [{w["ci_low"]:.3f}, {w["ci_high"]:.3f}] over {w["n"]} '

@@ -113,6 +113,21 @@ def read_json(path: str, default: Any = None) -> Any:
     return default
 
 
+def read_jsonl(path: str, what: str = 'data file') -> list[tuple[Any, str]]:
+  """(object, 'path:line') for each non-blank line of a JSON Lines file; a line that is not
+  JSON is refused naming the file and line."""
+  if not exists(path):
+    raise FileNotFoundError(f'{what} {path} not found')
+  out = []
+  for n, line in enumerate(read_text(path).splitlines(), 1):
+    if line.strip():
+      try:
+        out.append((json.loads(line), f'{path}:{n}'))
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}:{n}: not JSON ({e.msg})') from None
+  return out
+
+
 def write_bytes(path: str, data: bytes, fsync: bool = False) -> None:
   """Replaces `path` with `data` all at once: readers see the old file or the new one."""
   if is_remote(path):

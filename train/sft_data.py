@@ -74,16 +74,7 @@ def record_segments(rec: Any, tokenizer, chat, where: str) -> Segments:
 def read_jsonl(path: str) -> list[tuple[Any, str]]:
   """(record, 'file:line') pairs of a JSONL file, blank lines skipped."""
   from train import paths
-  if not paths.exists(path):
-    raise FileNotFoundError(f'SFT data file {path} not found')
-  out = []
-  for n, line in enumerate(paths.read_bytes(path).decode('utf-8').splitlines(), 1):
-    if line.strip():
-      try:
-        out.append((json.loads(line), f'{path}:{n}'))
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{n}: not JSON ({e.msg})') from None
-  return out
+  return paths.read_jsonl(path, 'SFT data file')
 
 
 @dataclasses.dataclass

@@ -13,9 +13,11 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+from typing import Iterator
 
 SPLITS = ('train', 'validation', 'test')
-_SKIP = ('test/', 'idlelib/', 'tkinter/', 'turtledemo/', 'lib2to3/', 'distutils/', 'ensurepip/')
+SKIP = ('test/', 'idlelib/', 'tkinter/', 'turtledemo/', 'lib2to3/', 'distutils/', 'ensurepip/',
+        'pydoc_data')
 
 
 def file_split(name: str) -> str:
@@ -23,12 +25,12 @@ def file_split(name: str) -> str:
   return 'test' if h < 0.1 else 'validation' if h < 0.2 else 'train'
 
 
-@functools.cache
-def _functions(max_chars: int) -> tuple[tuple[str, dict], ...]:
-  from train import corpus
-  out = []
-  for d in corpus.stdlib_documents():
-    if not d.name.endswith('.py') or d.name.startswith(_SKIP):
+def documented_functions(docs) -> Iterator[dict]:
+  """Module-level, undecorated, non-dunder functions with a docstring and a body after it, of
+  stdlib `docs` (train/corpus.py Documents) in file order: {'file', 'module', 'name', 'lineno',
+  'doc', 'header' (up to the docstring), 'prompt' (through the docstring), 'body' (the rest)}."""
+  for d in docs:
+    if not d.name.endswith('.py') or d.name.startswith(SKIP):
       continue
     try:
       tree = ast.parse(d.text)
@@ -36,15 +38,25 @@ def _functions(max_chars: int) -> tuple[tuple[str, dict], ...]:
       continue
     lines = d.text.splitlines(keepends=True)
     for node in tree.body:
-      if (not isinstance(node, ast.FunctionDef) or node.decorator_list or len(node.body) < 2
-          or not ast.get_docstring(node)):
+      doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
+      if (not doc or node.decorator_list or node.name.startswith('__')
+          or len(node.body) < 2):
         continue
-      prompt = ''.join(lines[node.lineno - 1:node.body[0].end_lineno])
-      body = ''.join(lines[node.body[0].end_lineno:node.end_lineno])
-      if len(prompt) + len(body) <= max_chars and body.strip():
-        out.append((file_split(d.name), {'prompt': prompt, 'completion': body,
-                                         'source': f'{d.name}:{node.lineno}'}))
-  return tuple(out)
+      end_of_doc = node.body[0].end_lineno
+      yield {'file': d.name, 'module': d.name[:-3].replace('/', '.').removesuffix('.__init__'),
+             'name': node.name, 'lineno': node.lineno, 'doc': doc,
+             'header': ''.join(lines[node.lineno - 1:node.body[0].lineno - 1]),
+             'prompt': ''.join(lines[node.lineno - 1:end_of_doc]),
+             'body': ''.join(lines[end_of_doc:node.end_lineno])}
+
+
+@functools.cache
+def _functions(max_chars: int) -> tuple[tuple[str, dict], ...]:
+  from train import corpus
+  return tuple((file_split(f['file']), {'prompt': f['prompt'], 'completion': f['body'],
+                                        'source': f'{f["file"]}:{f["lineno"]}'})
+               for f in documented_functions(corpus.stdlib_documents())
+               if len(f['prompt']) + len(f['body']) <= max_chars and f['body'].strip())
 
 
 def stdlib_functions(split: str, max_chars: int = 800) -> list[dict]:

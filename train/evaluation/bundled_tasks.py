@@ -17,7 +17,6 @@ score can be split into seen and unseen files.
 """
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
 
@@ -64,39 +63,16 @@ register(Task('arithmetic', 'generate', arithmetic_examples, metrics=('exact_mat
 
 # ---- the standard library ------------------------------------------------------------------
 
-_SKIP = ('test/', 'idlelib/', 'tkinter/', 'turtledemo/', 'lib2to3/', 'distutils/', 'ensurepip/',
-         'pydoc_data')
-
-
 @functools.cache
 def _documented_functions() -> tuple[dict, ...]:
-  """Module-level, undecorated, documented functions of the stdlib, in file order."""
+  """Documented stdlib functions (train/sft_tasks.py), the quickstart's held-out files first."""
   from configs.base import get_base
   from train import corpus
+  from train.sft_tasks import documented_functions
   train_docs, val_docs, _ = corpus.load_documents(get_base().data)
-  out = []
-  for held_out, docs in ((True, val_docs), (False, train_docs)):
-    for d in docs:
-      if not d.name.endswith('.py') or d.name.startswith(_SKIP):
-        continue
-      try:
-        tree = ast.parse(d.text)
-      except SyntaxError:
-        continue
-      lines = d.text.splitlines(keepends=True)
-      for node in tree.body:
-        doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
-        if not doc or node.decorator_list or node.name.startswith('__'):
-          continue
-        body_start = node.body[0].end_lineno       # The line closing the docstring.
-        if len(node.body) < 2:
-          continue
-        header = ''.join(lines[node.lineno - 1:node.body[0].lineno - 1])
-        out.append({'module': d.name[:-3].replace('/', '.').removesuffix('.__init__'),
-                    'file': d.name, 'name': node.name, 'doc': doc, 'header': header,
-                    'prompt': ''.join(lines[node.lineno - 1:body_start]),
-                    'body': ''.join(lines[body_start:node.end_lineno]), 'held_out': held_out})
-  return tuple(out)
+  return tuple(dict(f, held_out=held_out) for held_out, docs in ((True, val_docs),
+                                                                 (False, train_docs))
+               for f in documented_functions(docs))
 
 
 def _summary(doc: str) -> str:

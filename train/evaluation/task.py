@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import json
 import os
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -129,18 +128,9 @@ def _load_bundled() -> None:
 def jsonl_examples(test_path: str, train_path: str | None = None) -> Callable[[str], list[dict]]:
   """Examples from JSONL files, one object per line ('train' from `train_path`, else none)."""
   def examples(split: str) -> list[dict]:
+    from train import paths
     path = test_path if split == 'test' else train_path
-    if path is None:
-      return []
-    out = []
-    with open(path, encoding='utf-8') as f:
-      for n, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            out.append(json.loads(line))
-          except json.JSONDecodeError as e:
-            raise ValueError(f'{path}:{n}: not a JSON object ({e.msg})') from None
-    return out
+    return [] if path is None else [obj for obj, _ in paths.read_jsonl(path, 'task file')]
   return examples
 
 

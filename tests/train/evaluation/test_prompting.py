@@ -89,7 +89,7 @@ def test_user_task_file_and_jsonl_examples(tmp_path):
   assert t.split('train') == []
   bad = tmp_path / 'bad.jsonl'
   bad.write_text('{"query": "x", "answer": "y"}\n{oops\n')
-  with pytest.raises(ValueError, match=r'bad.jsonl:2: not a JSON object'):
+  with pytest.raises(ValueError, match=r'bad.jsonl:2: not JSON'):
     task_lib.jsonl_examples(str(bad))('test')
   missing = task_lib.Task('m', 'multiple_choice', lambda s: [{'query': 'x', 'choices': ['a']}])
   with pytest.raises(ValueError, match=r"missing field\(s\) \['gold'\]"):
