@@ -91,11 +91,12 @@ def load_completer(workdir: str, step: int | None = None, serve_overrides: dict 
   chat template is the checkpoint's own (an imported HF tokenizer_config.json) if it has one."""
   import dataclasses
   import os
-  from model.inference.completion import Completer, jinja_chat_template
+  from model.inference.completion import Completer
   from model.inference.engine import Engine
   from model import sharding
   from model.inference.serve_config import ServeConfig
   from train import paths
+  from train.sft_data import chat_format
 
   cfg, model_cfg, graphdef, params, tok = load_model(workdir, step, on_config_mesh)
   serve = dict(cfg.get('serve', {}) or {})
@@ -108,12 +109,6 @@ def load_completer(workdir: str, step: int | None = None, serve_overrides: dict 
            else None)
   engine = Engine(graphdef, params, model_cfg, serve_cfg, eos_id=tok.eos_id,
                   vocab_limit=tok.vocab_size, namespace=namespace, rules=rules)
-  template = None
-  tc = paths.join(workdir, 'hf_tokenizer', 'tokenizer_config.json')
-  if paths.exists(tc):
-    meta = json.loads(paths.read_bytes(tc))
-    if isinstance(meta.get('chat_template'), str):
-      token = lambda t: t.get('content', '') if isinstance(t, dict) else (t or '')
-      template = jinja_chat_template(meta['chat_template'], token(meta.get('bos_token')),
-                                     token(meta.get('eos_token')))
-  return Completer(engine, tok, chat_template=template), engine
+  hf_dir = paths.join(workdir, 'hf_tokenizer')
+  chat = chat_format(tok, hf_dir if paths.isdir(hf_dir) else None)
+  return Completer(engine, tok, chat=chat), engine

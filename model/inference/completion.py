@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -248,15 +248,17 @@ class Completion:
 
 
 class Completer:
-  """The text front of an Engine for one tokenizer. `chat_template` renders messages (the
-  checkpoint's jinja template, else DEFAULT_CHAT_TEMPLATE)."""
+  """The text front of an Engine for one tokenizer. `chat` turns messages into prompt ids
+  (model/inference/chat.py: the checkpoint's template, else palmax's format), the same way
+  supervised fine-tuning rendered them."""
 
-  def __init__(self, engine: Engine, tokenizer, *, scorer=mean_logprob, chat_template=None,
+  def __init__(self, engine: Engine, tokenizer, *, scorer=mean_logprob, chat=None,
                beam_model=None):
     self.engine, self.tokenizer, self.scorer = engine, tokenizer, scorer
     self.healer = TokenHealer(tokenizer, engine.model_cfg.vocab_size)
     self._texts = self.healer.texts
-    self.chat_template = chat_template
+    from model.inference.chat import PalmaxChat
+    self.chat = chat if chat is not None else PalmaxChat(tokenizer)
     self.beam_model = beam_model
 
   def token_text(self, i: int) -> str:
@@ -329,30 +331,12 @@ class Completer:
 
   # -- chat -------------------------------------------------------------------------------------
 
-  def render_chat(self, messages) -> str:
-    if not isinstance(messages, list) or not messages:
-      raise BadRequest('messages must be a non-empty list', 'messages')
-    for i, m in enumerate(messages):
-      if (not isinstance(m, dict) or m.get('role') not in ('system', 'user', 'assistant', 'tool')
-          or not isinstance(m.get('content'), str)):
-        raise BadRequest(f'messages[{i}] must be {{"role": system|user|assistant|tool, '
-                         f'"content": string}}', f'messages[{i}]')
-    if self.chat_template is not None:
-      return self.chat_template(messages)
-    return default_chat_template(messages)
-
-
-def default_chat_template(messages: Sequence[dict]) -> str:
-  """palmax's documented default for checkpoints without a template: each message as
-  '<|role|>\\n' + content + '\\n', then '<|assistant|>\\n' for the reply."""
-  return ''.join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + '<|assistant|>\n'
-
-
-def jinja_chat_template(source: str, bos_token: str = '', eos_token: str = ''):
-  """A checkpoint's (HF tokenizer_config.json) chat template as a callable(messages) -> str,
-  rendered in jinja2's sandbox as `transformers` does."""
-  from jinja2.sandbox import ImmutableSandboxedEnvironment
-  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-  template = env.from_string(source)
-  return lambda messages: template.render(messages=messages, add_generation_prompt=True,
-                                          bos_token=bos_token, eos_token=eos_token)
+  def render_chat(self, messages) -> list[int]:
+    """The conversation's prompt ids, ending on the assistant's turn header."""
+    from model.inference.chat import check_messages
+    try:
+      check_messages(messages)
+    except ValueError as e:
+      param = str(e).split(':')[0].split(' ')[0]
+      raise BadRequest(str(e), param if param.startswith('messages') else 'messages') from None
+    return self.chat.prompt_ids(messages)

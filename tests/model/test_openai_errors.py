@@ -17,7 +17,7 @@ except ImportError:  # This venv's openai client ships the httpx2 fork (same API
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from model.inference.loop import EngineLoop  # noqa: E402
-from model.inference.completion import default_chat_template  # noqa: E402
+from model.inference.chat import PalmaxChat  # noqa: E402
 from tests.model.serving_util import AUTH, KEY, MODEL, encode, live_server, slowed  # noqa: E402
 
 
@@ -294,8 +294,9 @@ def _make_load(served, rng: random.Random, count: int):
     max_tokens = rng.randint(20, 30) if cancel else rng.randint(1, 12)
     while True:
       text = ' '.join(rng.choice(WORDS) for _ in range(rng.randint(1, 25 if chat else 40)))
-      prompt = default_chat_template([{'role': 'user', 'content': text}]) if chat else text
-      if len(encode(served, prompt)) + max_tokens <= 64:
+      n = (len(PalmaxChat(served.completer.tokenizer).prompt_ids(
+          [{'role': 'user', 'content': text}])) if chat else len(encode(served, text)))
+      if n + max_tokens <= 64:
         break
     body = dict(model=MODEL, max_tokens=max_tokens)
     body.update(dict(messages=[{'role': 'user', 'content': text}]) if chat else dict(prompt=text))

@@ -10,7 +10,7 @@ try:
 except ImportError:  # This venv's openai client ships the httpx2 fork (same API).
   httpx = pytest.importorskip('httpx2')
 
-from model.inference.completion import default_chat_template  # noqa: E402
+from model.inference.chat import PalmaxChat  # noqa: E402
 from tests.model.serving_util import MODEL, encode, greedy, stream_texts  # noqa: E402
 
 
@@ -63,21 +63,16 @@ def test_chat_uses_the_default_template(served):
   client = served.keyed.client()
   # (The 64-token context holds only short conversations: '<|user|>\n' alone is 8 tokens.)
   messages = [{'role': 'system', 'content': 'Hi.'}, {'role': 'user', 'content': 'x = 1'}]
-  rendered = default_chat_template(messages)
-  assert rendered == '<|system|>\nHi.\n<|user|>\nx = 1\n<|assistant|>\n'   # (documented)
-  ids = encode(served, rendered)
+  tok = served.completer.tokenizer
+  ids = PalmaxChat(tok).prompt_ids(messages)
+  # (documented: train/sft_data.py trains on exactly these ids before an assistant's reply)
+  assert tok.decode(ids) == '<|system|>\nHi.\n<|user|>\nx = 1\n<|assistant|>\n'
+  assert ids[0] == tok.doc_start_id
   raw = client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
-                                       max_tokens=8, extra_body={'heal': False})
+                                       max_tokens=8)
   assert raw.usage.prompt_tokens == len(ids)
-  healed = client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
-                                          max_tokens=8)
-  # The template ends on '\n', which token healing backs off (the reply's first token re-adds it).
-  assert healed.usage.prompt_tokens == len(served.completer.healer.heal(ids).ids) == len(ids) - 1
-  # The same rendered text through /v1/completions continues identically.
-  as_text = greedy(client, rendered, max_tokens=8)
-  assert as_text.choices[0].text == healed.choices[0].message.content
-  as_text = greedy(client, rendered, max_tokens=8, extra_body={'heal': False})
-  assert as_text.choices[0].text == raw.choices[0].message.content
+  want = served.completer.complete(ids, max_tokens=8, temperature=0.0, timeout=60)[0].text
+  assert raw.choices[0].message.content == want
 
 
 def test_max_completion_tokens_is_max_tokens(served):
