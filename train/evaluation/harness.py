@@ -74,7 +74,8 @@ def _generate(model, task, style, examples, prompts):
   responses = model.generate(prompts, gen)
   records, values = [], {m: [] for m in task.metrics}
   for p, ex, (resp,) in zip(prompts, examples, responses):
-    answer = M.extract_answer(resp, task.answer_patterns) if task.answer_patterns else resp.strip()
+    answer = (M.extract_answer(resp, task.answer_patterns) if task.answer_patterns
+              else resp.strip() if task.strip_response else resp)
     refs = ex.get('references') or [ex['answer']]
     got = {m: M.GENERATION_METRICS[m](answer, refs) for m in task.metrics}
     for m, v in got.items():

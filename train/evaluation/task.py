@@ -59,6 +59,7 @@ class Task:
   max_tokens: int = 32
   cot_max_tokens: int = 96
   answer_patterns: tuple[str, ...] = ()
+  strip_response: bool = True    # False for code, whose leading indentation is syntax.
   samples: int = 1
   temperature: float = 0.0
   ks: tuple[int, ...] = (1,)

@@ -118,3 +118,14 @@ def test_a_task_without_examples_is_refused():
   t = task_lib.Task('empty_fake', 'generate', lambda s: [])
   with pytest.raises(ValueError, match="task 'empty_fake' has no test examples"):
     harness.evaluate(Scripted(), [(t, Style())])
+
+
+def test_code_bodies_keep_their_indentation_and_are_parsed():
+  t = task_lib.get('stdlib_functions')
+  ex = t.split('test')[:2]
+  bodies = {ex[0]['query']: ex[0]['answer'], ex[1]['query']: '    return (\n'}
+  model = Scripted(gen=lambda p, i: bodies.get(p, ''))
+  r = harness.evaluate(model, [(t, Style())], limit=2)['tasks']['stdlib_functions']
+  assert [rec['parses'] for rec in r['records']] == [1.0, 0.0]
+  assert r['records'][0]['code_exact'] == 1.0
+  assert r['records'][0]['extracted'] == ex[0]['answer']
