@@ -199,5 +199,5 @@ def stdlib_functions_examples(split: str) -> list[dict]:
 register(Task('stdlib_functions', 'generate', stdlib_functions_examples,
               metrics=('parses', 'code_exact', 'rouge_l'), query_prefix='', answer_prefix='',
               answer_separator='', until=('\ndef ', '\nclass ', '\n@', '\nif __name__'),
-              max_tokens=128, strip_response=False,
+              max_tokens=128, strip_response=False, heal=False,
               notes='the SFT task: a body from signature + docstring'))

@@ -70,7 +70,7 @@ def _multiple_choice(model, task, style, examples, prompts):
 
 def _generate(model, task, style, examples, prompts):
   gen = Generation(max_tokens=task.cot_max_tokens if style.cot else task.max_tokens,
-                   until=task.cot_until if style.cot else task.until)
+                   until=task.cot_until if style.cot else task.until, heal=task.heal)
   responses = model.generate(prompts, gen)
   records, values = [], {m: [] for m in task.metrics}
   for p, ex, (resp,) in zip(prompts, examples, responses):

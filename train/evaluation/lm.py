@@ -27,6 +27,8 @@ class Generation:
   temperature: float = 0.0
   n: int = 1
   seed: int = 0
+  heal: bool = True   # Token healing (serving's default); False when the prompt's tokens are
+                      # exactly what training saw before a response (SFT's separate encoding).
 
   def __post_init__(self):
     if self.max_tokens < 1:
@@ -161,7 +163,7 @@ class PalmaxModel:
       self._loop = EngineLoop(self.engine).start()
     room = max(1, self.engine.cfg.max_queue // gen.n)
     params = CompletionParams(max_tokens=gen.max_tokens, temperature=gen.temperature,
-                              n=gen.n, seed=gen.seed, stop=tuple(gen.until)[:4])
+                              n=gen.n, seed=gen.seed, stop=tuple(gen.until)[:4], heal=gen.heal)
     out: list[list[str]] = []
     for i in range(0, len(prompts), room):   # Never more in flight than the queue takes.
       started = [self.completer.start(self._fit(p, gen.max_tokens), params)

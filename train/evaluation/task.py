@@ -60,6 +60,7 @@ class Task:
   cot_max_tokens: int = 96
   answer_patterns: tuple[str, ...] = ()
   strip_response: bool = True    # False for code, whose leading indentation is syntax.
+  heal: bool = True              # False: prompt tokens exactly as SFT encoded them.
   samples: int = 1
   temperature: float = 0.0
   ks: tuple[int, ...] = (1,)

@@ -129,3 +129,4 @@ def test_code_bodies_keep_their_indentation_and_are_parsed():
   assert [rec['parses'] for rec in r['records']] == [1.0, 0.0]
   assert r['records'][0]['code_exact'] == 1.0
   assert r['records'][0]['extracted'] == ex[0]['answer']
+  assert model.calls[0][2].heal is False   # The prompt's tokens exactly as SFT encoded them.
