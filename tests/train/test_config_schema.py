@@ -212,7 +212,8 @@ def _config_modules():
   files = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')) +
                  glob.glob(os.path.join(ROOT, 'configs', 'sweeps', '*.py')))
   mods = [os.path.relpath(f, ROOT)[:-3].replace(os.sep, '.') for f in files]
-  return [m for m in mods if m.rsplit('.', 1)[1] not in ('__init__', 'base', 'finetune')]
+  # finetune and sft take a source workdir (tested below).
+  return [m for m in mods if m.rsplit('.', 1)[1] not in ('__init__', 'base', 'finetune', 'sft')]
 
 
 @pytest.mark.parametrize('module', _config_modules())
@@ -232,6 +233,9 @@ def test_base_and_finetune_pass(tmp_path):
   (tmp_path / 'config.json').write_text(src.to_json())
   cfg = importlib.import_module('configs.finetune').get_config(str(tmp_path))
   cs.validate(cfg)
+  sft = importlib.import_module('configs.sft').get_config(str(tmp_path))
+  cs.validate(sft)
+  assert (sft.data.source, sft.train.objective) == ('sft', 'sft')
   assert ModelConfig.from_dict(cfg.model.to_dict()) == ModelConfig.from_dict(src.model.to_dict())
 
 
