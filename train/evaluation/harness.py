@@ -29,7 +29,7 @@ def evaluate(model: EvalModel, specs: Sequence[tuple[Task, prompting.Style]], *,
   """{'model', 'tasks': {spec: {'task', 'kind', 'style', 'metrics', 'records', 'seconds'}}}."""
   out = {'model': getattr(model, 'name', type(model).__name__), 'tasks': {}}
   for task, style in specs:
-    spec = task.name + ''.join(f':{v}' for v in _variant(style))
+    spec = spec_name(task, style)
     t0 = time.perf_counter()
     examples = task.split('test')[:limit] if limit else task.split('test')
     if not examples:
@@ -46,8 +46,10 @@ def evaluate(model: EvalModel, specs: Sequence[tuple[Task, prompting.Style]], *,
   return out
 
 
-def _variant(style: prompting.Style) -> list[str]:
-  return ([f'{style.shots}shot'] if style.shots else []) + (['cot'] if style.cot else [])
+def spec_name(task: Task, style: prompting.Style) -> str:
+  """'arithmetic:3shot:cot': the spec `task.parse_specs` reads back."""
+  variant = ([f'{style.shots}shot'] if style.shots else []) + (['cot'] if style.cot else [])
+  return ':'.join([task.name] + variant)
 
 
 def _multiple_choice(model, task, style, examples, prompts):

@@ -15,11 +15,19 @@ from train.evaluation import harness
 
 
 def results_path(workdir: str, specs, step: int | None) -> str:
-  names = '+'.join(re.sub(r'[^\w.-]', '_', t.name + ''.join(f'_{v}' for v in harness._variant(s)))
-                   for t, s in specs)
+  names = '+'.join(re.sub(r'[^\w.-]', '_', harness.spec_name(t, s)) for t, s in specs)
   if len(names) > 80:
     names = f'{len(specs)}tasks'
   return paths.join(workdir, 'eval', f'{names}-step{step if step is not None else "na"}.json')
+
+
+def evaluate_and_save(model, specs, workdir: str, step: int | None, limit: int | None,
+                      path: str, log: Callable[[str], None]) -> dict:
+  """harness.evaluate, tagged with where and when, written to `path`."""
+  results = harness.evaluate(model, specs, limit=limit, log=log)
+  results.update(workdir=workdir, step=step, limit=limit)
+  save_results(results, path)
+  return results
 
 
 def save_results(results: dict, path: str) -> None:
@@ -38,10 +46,8 @@ def run_and_save(model, specs, workdir: str, *, step: int | None = None,
   `write_metrics`, the means to WORKDIR/metrics.jsonl + TensorBoard at `step`."""
   if step is None:
     step = checkpoint_step(workdir)
-  results = harness.evaluate(model, specs, limit=limit, log=log)
-  results.update(workdir=workdir, step=step, limit=limit)
   path = out or results_path(workdir, specs, step)
-  save_results(results, path)
+  results = evaluate_and_save(model, specs, workdir, step, limit, path, log)
   log(harness.summary_table(results))
   if write_metrics and step is not None:
     from train.metrics import MetricsWriter
@@ -71,9 +77,8 @@ class PeriodicEval:
                                            self.overrides, name=self.workdir)
     else:
       self.model.set_params(params)
-    results = harness.evaluate(self.model, self.specs, limit=self.limit, log=log)
-    results.update(workdir=self.workdir, step=step, limit=self.limit)
-    save_results(results, results_path(self.workdir, self.specs, step))
+    results = evaluate_and_save(self.model, self.specs, self.workdir, step, self.limit,
+                                results_path(self.workdir, self.specs, step), log)
     return harness.flat_metrics(results)
 
   def close(self) -> None:
