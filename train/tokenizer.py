@@ -424,13 +424,25 @@ def resolve_tokenizer(data_cfg: Any, train_docs: Sequence[Any],
   return tok, _saver(workdir, tok, meta)
 
 
+def _on_disk_digest(workdir: str, tok) -> str | None:
+  """The digest of the tokenizer `workdir` holds in the form `tok` would be saved in."""
+  try:
+    if isinstance(tok, Tokenizer):
+      return Tokenizer.load(paths.join(workdir, 'tokenizer.model')).digest
+    from train import hf_tokenizer
+    fallback = _read_json(paths.join(workdir, 'tokenizer.json')).get('fallback_ids')
+    return hf_tokenizer.HFTokenizer(paths.join(workdir, HF_TOKENIZER_DIR), fallback=fallback).digest
+  except (OSError, ValueError):
+    return None
+
+
 def _saver(workdir: str | None, tok, meta: dict) -> Callable[[], None] | None:
   """A function writing `tok` and its `tokenizer.json` into `workdir`; None if it is there."""
   if not workdir:
     return None
   meta_path = paths.join(workdir, 'tokenizer.json')
-  if _read_json(meta_path) == meta:
-    return None
+  if _read_json(meta_path) == meta and _on_disk_digest(workdir, tok) == tok.digest:
+    return None   # Both the key file and the model it names are there (a replaced model is not).
 
   def save():
     # The key file goes first and comes back last: a kill in between leaves no key, so the next

@@ -209,17 +209,17 @@ def test_second_ctrl_c_during_the_save_exits_130_quietly(tmp_path):
            'def save(self, *a, **k):\n  print("saving", flush=True)\n  time.sleep(60)  # A big one.\n'
            '  return real(self, *a, **k)\ncheckpoint.Checkpointer.save = save\n')
   p = _main(tmp_path, f'--config={cfg}', f'--workdir={workdir}', patch=patch)
-  out = []
+  out, t0 = [], None
   for line in p.stdout:   # The first Ctrl-C once training is under way: save and stop...
     out.append(line)
-    if '/100000' in line:
-      p.send_signal(signal.SIGINT)
+    if '/100000' in line and len([x for x in out if '/100000' in x]) == 1:
+      p.send_signal(signal.SIGINT)   # Once: more progress lines may come before the save starts.
     if line == 'saving\n':   # ...the second while that save runs: stop now.
       t0 = time.time()
       p.send_signal(signal.SIGINT)
       break
   rest, err = p.communicate(timeout=60)
-  assert p.returncode == 130, ''.join(out) + rest + err
+  assert p.returncode == 130 and t0 is not None, ''.join(out) + rest + err
   assert time.time() - t0 < 30   # Did not wait for the save.
   assert err.strip().splitlines() == ['interrupted'], err
   assert 'saved step' not in rest and 'samples from' not in rest
