@@ -2,7 +2,9 @@
 
 Sections: model (model/config.py ModelConfig fields), data (train/data.py), train (loop,
 optimizer, checkpoints), mesh (device mesh sizes and logical-axis rules), pipeline (stages and
-schedule), sample (launch/sample.py), serve (launch/serve.py: the engine's slots, pages, chunks). train/config_schema.py says what each value may be.
+schedule), sample (launch/sample.py), serve (launch/serve.py: the engine's slots, pages, chunks),
+peft (model/peft/: LoRA, QLoRA, adapters, soft prompts). train/config_schema.py says what each
+value may be.
 """
 import dataclasses
 
@@ -11,6 +13,7 @@ import ml_collections
 from model import sharding
 from model.config import ModelConfig, MoEConfig
 from model.inference.serve_config import ServeConfig
+from model.peft.methods import PeftConfig
 
 
 def moe_section(**overrides) -> ml_collections.ConfigDict:
@@ -97,4 +100,12 @@ def get_base() -> ml_collections.ConfigDict:
 
   # Serving (launch.serve, model/inference/engine.py): defaults from ServeConfig.
   cfg.serve = ml_collections.ConfigDict(dataclasses.asdict(ServeConfig()))
+
+  # Parameter-efficient fine-tuning (model/peft/): method '' (full fine-tuning) | lora |
+  # adapter | prompt, the base frozen and, with `quant` (int8 | int4 | nf4; QLoRA), stored
+  # quantized. lora_*: rank, alpha (scale alpha/rank, alpha/sqrt(rank) with rslora), input
+  # dropout, and the weights adapted (re.fullmatch over 'attn/w_q', 'mlp/w_up', ...);
+  # adapter_dim/targets: Houlsby bottlenecks after those weights; prompt_tokens: soft-prompt
+  # length. Checkpoints then hold only what trains, plus the digest of train.init_from's base.
+  cfg.peft = ml_collections.ConfigDict(dataclasses.asdict(PeftConfig()))
   return cfg

@@ -107,8 +107,12 @@ def load_completer(workdir: str, step: int | None = None, serve_overrides: dict 
   namespace += getattr(tok, 'digest', '') + os.path.abspath(workdir) + str(step)
   rules = (sharding.check_rules(sharding.resolve_preset(cfg.mesh.to_dict())[1]) if on_config_mesh
            else None)
+  from train.peft_run import prefix_ids
+  prefix = prefix_ids(cfg, model_cfg)
   engine = Engine(graphdef, params, model_cfg, serve_cfg, eos_id=tok.eos_id,
-                  vocab_limit=tok.vocab_size, namespace=namespace, rules=rules)
+                  vocab_limit=tok.vocab_size, namespace=namespace, rules=rules,
+                  virtual_tokens=len(prefix))
   hf_dir = paths.join(workdir, 'hf_tokenizer')
   chat = chat_format(tok, hf_dir if paths.isdir(hf_dir) else None)
-  return Completer(engine, tok, chat=chat), engine
+  return Completer(engine, tok, chat=chat, prefix_ids=prefix), engine
+

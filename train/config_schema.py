@@ -114,14 +114,26 @@ SERVE_RULES = {
     'max_top_logprobs': nonneg_int(), 'max_n': positive_int(),
 }
 
+PEFT_RULES = {
+    'method': Rule('str', note="'' (full fine-tuning), lora, adapter or prompt"),
+    'quant': Rule('str', note="'', int8, int4 or nf4"),
+    'quant_group_size': positive_int(), 'quant_targets': Rule('str', lo=1),
+    'lora_rank': positive_int(), 'lora_alpha': number(gt=0), 'lora_dropout': number(ge=0, lt=1),
+    'lora_targets': Rule('str', lo=1), 'rslora': BOOL,
+    'adapter_dim': positive_int(), 'adapter_targets': Rule('str', lo=1),
+    'prompt_tokens': positive_int(),
+}
+
 # Every section (dotted path under `config.`) and its rules; `model` and `model.moe` are
 # model/config.py's MODEL_RULES and MOE_RULES, applied by ModelConfig.from_dict.
 SECTIONS = {
     'data': DATA_RULES, 'data.tokenizer': TOKENIZER_RULES, 'train': TRAIN_RULES,
     'mesh': MESH_RULES, 'mesh.dcn': DCN_RULES, 'pipeline': PIPELINE_RULES, 'sample': SAMPLE_RULES,
-    'serve': SERVE_RULES,
+    'serve': SERVE_RULES, 'peft': PEFT_RULES,
 }
 TOP_LEVEL = ('model', 'data', 'train', 'mesh', 'pipeline', 'sample', 'serve')
+# Sections added later: checked when present (configs saved before them lack them).
+OPTIONAL = ('peft',)
 # Top-level sections other modules validate: tolerated here, not checked.
 OTHER_SECTIONS = {'sweep': 'train/scaling/plan.py'}
 # train/tokenizer.py:train_tokenizer's floor: 256 byte pieces, specials and whitespace symbols.
@@ -160,7 +172,7 @@ def check_section(section: Any, rules: Mapping[str, Rule], where: str) -> None:
 def validate(cfg: Any) -> None:
   """Checks the whole config `cfg` (a ConfigDict or nested dict); raises ConfigError, one line."""
   top = _keys(cfg)
-  unknown = [k for k in top if k not in TOP_LEVEL and k not in OTHER_SECTIONS]
+  unknown = [k for k in top if k not in TOP_LEVEL + OPTIONAL and k not in OTHER_SECTIONS]
   if unknown:
     hint = closest_key(unknown[0], TOP_LEVEL)
     raise ConfigError(f'config.{unknown[0]} is not a section' + (
@@ -172,6 +184,8 @@ def validate(cfg: Any) -> None:
   Rule('section').check('config.model', model)
   model_cfg = ModelConfig.from_dict(model.to_dict() if hasattr(model, 'to_dict') else model)
   for path, rules in SECTIONS.items():
+    if path in OPTIONAL and path not in top:
+      continue
     check_section(_lookup(cfg, path), rules, f'config.{path}')
   _check_mesh_rules(_lookup(cfg, 'mesh.rules'))
   _cross_checks(cfg, model_cfg)
@@ -219,6 +233,8 @@ def _cross_checks(cfg: Any, model_cfg: ModelConfig) -> None:
     raise ConfigError(f"config.data.source={data['source']!r} with config.train.objective="
                       f"{t['objective']!r}: SFT records train with the 'sft' objective (loss on "
                       "completion tokens only) and it needs data.source='sft'")
+  if 'peft' in _keys(cfg):
+    _check_peft(cfg)
   if t.get('eval_tasks'):
     from train.evaluation import task as task_lib
     try:
@@ -261,3 +277,22 @@ def _cross_checks(cfg: Any, model_cfg: ModelConfig) -> None:
   if sample['top_k'] > model_cfg.vocab_size:
     raise ConfigError(f'config.sample.top_k={sample["top_k"]} exceeds '
                       f'config.model.vocab_size={model_cfg.vocab_size}')
+
+
+def _check_peft(cfg: Any) -> None:
+  """config.peft's values (model/peft/methods.py names the field) and what they need."""
+  from model.peft.methods import PeftConfig
+  p = PeftConfig.from_config(cfg['peft'])
+  try:
+    p.validate()
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if not p.method:
+    return
+  t = cfg['train']
+  if t['optimizer'] != 'adamw':
+    raise ConfigError(f"config.peft.method={p.method!r} trains with AdamW; config.train.optimizer="
+                      f"{t['optimizer']!r} (Muon) is for full-rank hidden matrices")
+  if cfg['pipeline'].get('stages'):
+    raise ConfigError(f'config.peft.method={p.method!r} needs an unpipelined model '
+                      '(config.pipeline.stages=0)')

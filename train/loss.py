@@ -24,6 +24,9 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.
   logits_BTV = logits_BTV.astype(jnp.float32)
   if weights_BT is None:
     weights_BT = jnp.ones(targets_BT.shape, jnp.float32)
+  # An unweighted target may be no vocabulary id (a soft prompt's virtual token); out-of-range
+  # gathers give NaN, and 0 * NaN would still poison the sum.
+  targets_BT = jnp.where(weights_BT > 0, targets_BT, 0)
   log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
   target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
   nll_BT = log_z_BT - target_logit_BT
@@ -51,6 +54,7 @@ def fused_cross_entropy(x_BTD: jax.Array, w_VD: jax.Array, targets_BT: jax.Array
   if weights_BT is None:
     weights_BT = jnp.ones(targets_BT.shape, jnp.float32)
   weights_BT = weights_BT.astype(jnp.float32)
+  targets_BT = jnp.where(weights_BT > 0, targets_BT, 0)   # As in cross_entropy.
   denom = jnp.maximum(weights_BT.sum(), 1.0)
   tc = chunk_length(t, b, chunk_tokens)
   total, (ce, zl) = _head_loss(x_BTD, w_VD, targets_BT, weights_BT / denom, float(z_loss),

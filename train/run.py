@@ -18,7 +18,7 @@ from model import pipeline, sharding
 from model.config import ConfigError, ModelConfig
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
-from train import objectives, optim, paths, resume, state as state_lib
+from train import objectives, optim, paths, peft_run, resume, state as state_lib
 from train import step as step_lib
 
 
@@ -56,6 +56,7 @@ class Run:
   eval_step: Callable        # (params, batch) -> eval sums, jitted
   batch_sharding: NamedSharding
   resumed: bool
+  peft_base: dict | None = None   # An adapter-only run's base: {'workdir', 'step', 'digest'}.
 
   @property
   def step(self) -> int:
@@ -81,10 +82,22 @@ class Run:
 
   def record(self) -> dict:
     """The JSON record saved with each checkpoint (what a resume must agree with)."""
-    return {'data': self.data.train.state(), 'model': self.model_cfg.to_dict(),
-            'data_config': self.cfg.data.to_dict(), 'schedule_steps': self.schedule_steps,
-            'corpus_fingerprint': self.data.info['fingerprint'], 'corpus': self.data.info,
-            'config': self.cfg.to_json_best_effort()}
+    out = {'data': self.data.train.state(), 'model': self.model_cfg.to_dict(),
+           'data_config': self.cfg.data.to_dict(), 'schedule_steps': self.schedule_steps,
+           'corpus_fingerprint': self.data.info['fingerprint'], 'corpus': self.data.info,
+           'config': self.cfg.to_json_best_effort()}
+    peft = peft_run.config_of(self.cfg)
+    if peft.active:
+      out[peft_run.RECORD_KEY] = dataclasses.asdict(peft)
+    if self.peft_base is not None:
+      out[peft_run.BASE_KEY] = self.peft_base
+    return out
+
+  def saved(self, state: dict) -> dict:
+    """What a checkpoint stores of `state`: all of it, or only what trains (adapter-only)."""
+    if self.peft_base is None:
+      return state
+    return peft_run.saved_state(state, self.spec.trainable_mask)
 
   def commit(self) -> None:
     """The run fits the workdir: write its config (what sampling reads) and drop metrics rows of
@@ -105,16 +118,29 @@ def build(cfg, workdir: str, log=print) -> Run:
   batch_sh = NamedSharding(mesh, sharding.logical_to_spec(('batch', None), rules,
                                                           (t.batch_size, 1), mesh))
   tx, _ = optim.make_optimizer(t, t.steps, model_cfg)  # The state structure; schedule below.
-  spec = state_lib.make_state_spec(model_cfg, tx, mesh, rules, t.get('trainable', ''))
+  peft = peft_run.config_of(cfg)
+  spec = state_lib.make_state_spec(model_cfg, tx, mesh, rules, t.get('trainable', ''), peft)
+  adapter_only = peft_run.adapter_only(cfg)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints,
                                log=log)
-  record, where = None, ''
+  record, where, peft_base = None, '', None
   try:
     if ckpt.latest_step() is not None:
-      state, record = ckpt.restore(spec.abstract_state, expect={'model': model_cfg.to_dict()},
-                                   on_corrupt=t.on_corrupt, verify=t.verify_checkpoints, log=log)
+      expect = {'model': model_cfg.to_dict()}
+      if peft.active:
+        expect[peft_run.RECORD_KEY] = dataclasses.asdict(peft)
+      target = spec.abstract_state
+      if adapter_only:   # Only the trainable parameters are stored; the base is rebuilt.
+        target = peft_run.saved_state(spec.abstract_state, spec.trainable_mask)
+      state, record = ckpt.restore(target, expect=expect, on_corrupt=t.on_corrupt,
+                                   verify=t.verify_checkpoints, log=log)
       where = f'checkpoint step {int(state["step"])} in {ckpt.directory}'
       resume.check_same_data(cfg, record, where)
+      if adapter_only:
+        peft_base = peft_run.check_base(record, where)
+        full, _ = peft_run.base_params(peft_base['workdir'], peft_base['step'], model_cfg, peft,
+                                       spec.param_shardings, rules, t.seed)
+        state = peft_run.restore_full(state, full, spec.trainable_mask)
     # Each process reads only the rows its devices hold (processes holding the same rows, e.g.
     # different pipeline stages, read the same block). Nothing is written unless it all fits.
     build = data_lib.build_data
@@ -135,8 +161,13 @@ def build(cfg, workdir: str, log=print) -> Run:
   if record is not None:
     data.train.restore(record['data'])
   else:
-    state = state_lib.init_state(spec, model_cfg, tx, t.seed)
-    if t.get('init_from'):  # Continued pretraining / fine-tuning: its weights, a fresh optimizer.
+    state = state_lib.init_state(spec, model_cfg, tx, t.seed, peft)
+    if t.get('init_from') and peft.active:   # The base's weights under fresh adapters.
+      state['params'], peft_base = peft_run.base_params(t.init_from, None, model_cfg, peft,
+                                                        spec.param_shardings, rules, t.seed)
+      log(f'Initialised the frozen base from {t.init_from} (its step {peft_base["step"]}); '
+          f'{peft.method} trains {peft_run.describe(spec)}')
+    elif t.get('init_from'):  # Continued pretraining / fine-tuning: its weights, a fresh optimizer.
       from train import checkpoint_stream
       state['params'], src_step = checkpoint_stream.init_params(
           t.init_from, model_cfg, spec.abstract_state['params'])
@@ -154,4 +185,5 @@ def build(cfg, workdir: str, log=print) -> Run:
                       in_shardings=(spec.param_shardings, dict(fields_sh, loss_mask=batch_sh)),
                       out_shardings=replicated)
   return Run(cfg, workdir, model_cfg, mesh, rules, pipe, objective, spec, ckpt, data, state, total,
-             train_step, eval_step, batch_sh, record is not None)
+             train_step, eval_step, batch_sh, record is not None,
+             peft_base if adapter_only else None)

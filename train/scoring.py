@@ -40,11 +40,17 @@ def load_params(workdir: str, mesh: Mesh | None = None, rules=None, step: int | 
   model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
   mesh = mesh or sharding.make_mesh({'data': jax.device_count()}, jax.devices())
   rules = rules or sharding.check_rules(cfg.mesh.rules)
-  graphdef, abstract, shardings = state_lib.param_shardings(model_cfg, mesh, rules)
+  from train import peft_run
+  graphdef, abstract, shardings = state_lib.param_shardings(model_cfg, mesh, rules,
+                                                            peft_run.config_of(cfg))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   try:
-    params, record = checkpoint_stream.restore_params(workdir, abstract, step)
+    if peft_run.BASE_KEY in checkpoint_stream.read_record(workdir, step):   # Adapters only.
+      params, record = peft_run.restore_adapter_only(workdir, cfg, model_cfg, abstract, shardings,
+                                                     rules, step)
+    else:
+      params, record = checkpoint_stream.restore_params(workdir, abstract, step)
   except FileNotFoundError as e:
     raise FileNotFoundError(f'{e}: train first') from None
   checkpoint_stream.check_model(record, model_cfg, workdir)

@@ -207,11 +207,15 @@ def build_sft_data(cfg, workdir: str | None, process_index: int = 0, process_cou
   from train import paths
   chat = chat_format(tok, d.tokenizer.path if paths.isdir(d.tokenizer.path) else None)
   records = load_records(d)
+  # A soft prompt's virtual tokens (model/peft/prompt.py) open every example, untrained.
+  from train import peft_run
+  ids = peft_run.prefix_ids(cfg, cfg.model)
+  prefix = [(ids, False)] if ids else []
   packs, info = {}, {'source': 'sft', 'sft_task': d.get('sft_task', '')}
   for split, recs in records.items():
     if not recs:
       continue
-    examples = [record_segments(r, tok, chat, where) for r, where in recs]
+    examples = [prefix + record_segments(r, tok, chat, where) for r, where in recs]
     packs[split] = pack(examples, d.seq_len, tok.pad_id, overflow=d.get('sft_overflow', 'truncate'),
                         packing=d.get('sft_packing', True))
     info[f'{split}_stats'] = packs[split].stats

@@ -15,8 +15,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from model import sharding, transformer
+from model import sharding
 from model.config import ModelConfig
+from model.peft import methods as peft_lib
 from train import trainable
 
 
@@ -30,9 +31,11 @@ class StateSpec:
   trainable_mask: Any = None  # bools over the params (train/trainable.py); None = all train
 
 
-def param_shardings(model_cfg: ModelConfig, mesh: Mesh, rules) -> tuple[Any, Any, Any]:
-  """(graphdef, abstract params, NamedShardings) from the model's logical annotations."""
-  graphdef, abs_state = nnx.split(transformer.abstract(model_cfg))
+def param_shardings(model_cfg: ModelConfig, mesh: Mesh, rules,
+                    peft: peft_lib.PeftConfig | None = None) -> tuple[Any, Any, Any]:
+  """(graphdef, abstract params, NamedShardings) from the model's logical annotations (with
+  `peft`'s adapters and quantized weights, model/peft/methods.py)."""
+  graphdef, abs_state = nnx.split(peft_lib.abstract_model(model_cfg, peft))
   specs = nnx.get_partition_spec(abs_state).to_pure_dict()
   abs_params = abs_state.to_pure_dict()
   def one(path, spec, a):
@@ -47,9 +50,12 @@ def param_shardings(model_cfg: ModelConfig, mesh: Mesh, rules) -> tuple[Any, Any
 
 
 def make_state_spec(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules, trainable_pattern: str = '') -> StateSpec:
-  graphdef, abs_params, p_sh = param_shardings(model_cfg, mesh, rules)
-  mask = trainable.make_mask(abs_params, trainable_pattern)
+                    rules, trainable_pattern: str = '',
+                    peft: peft_lib.PeftConfig | None = None) -> StateSpec:
+  """The state's structure and shardings; `trainable_pattern` '' with a PEFT method trains
+  what the method adds."""
+  graphdef, abs_params, p_sh = param_shardings(model_cfg, mesh, rules, peft)
+  mask = trainable.make_mask(abs_params, peft_lib.trainable_pattern(peft, trainable_pattern))
   replicated = NamedSharding(mesh, P())
   # The optimizer sees only the trainable parameters: frozen ones get no Adam moments.
   abs_opt = jax.eval_shape(tx.init, trainable.split(abs_params, mask)[0])
@@ -85,12 +91,14 @@ def slot_shardings(abs_opt, abs_params, p_sh, default):
 
 
 def init_state(spec: StateSpec, model_cfg: ModelConfig, tx: optax.GradientTransformation,
-               seed: int) -> dict:
+               seed: int, peft: peft_lib.PeftConfig | None = None) -> dict:
   """A fresh train state, created sharded by one jitted function."""
 
   def init():
-    params = nnx.state(transformer.Decoder(model_cfg, nnx.Rngs(params=seed))).to_pure_dict()
-    return {'params': params, 'opt_state': tx.init(trainable.split(params, spec.trainable_mask)[0]), 'step': jnp.zeros((), jnp.int32),
+    params = nnx.state(peft_lib.build_model(model_cfg, peft, seed)).to_pure_dict()
+    return {'params': params,
+            'opt_state': tx.init(trainable.split(params, spec.trainable_mask)[0]),
+            'step': jnp.zeros((), jnp.int32),
             'rng': jax.random.key_data(jax.random.key(seed + 1))}
 
   return jax.jit(init, out_shardings=spec.state_shardings)()

@@ -125,8 +125,9 @@ def loop(run: run_lib.Run, log=print, stop_after: int | None = None) -> RunResul
   tasks = None
   if t.get('eval_tasks'):   # Task evaluation beside the loss (train/evaluation/).
     from train.evaluation.runner import PeriodicEval
+    from train.peft_run import prefix_ids
     tasks = PeriodicEval(t.eval_tasks, run.workdir, run.spec.graphdef, model_cfg, data.tokenizer,
-                         limit=t.get('eval_tasks_limit', 0))
+                         limit=t.get('eval_tasks_limit', 0), prefix_ids=prefix_ids(cfg, model_cfg))
   state, history = run.state, []
   last_metrics: dict = {}
   last_eval: dict = {}
@@ -184,7 +185,7 @@ def loop(run: run_lib.Run, log=print, stop_after: int | None = None) -> RunResul
           step_last = step
         stopping = stop.signum is not None or step == stop_after
         if stopping or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
-          ckpt.save(step, state, run.record(), force=True)
+          ckpt.save(step, run.saved(state), run.record(), force=True)
           failpoints.reach('checkpoint.save')
         if stopping:
           ckpt.wait()

@@ -253,8 +253,10 @@ class Completer:
   supervised fine-tuning rendered them."""
 
   def __init__(self, engine: Engine, tokenizer, *, scorer=mean_logprob, chat=None,
-               beam_model=None):
+               beam_model=None, prefix_ids=()):
     self.engine, self.tokenizer, self.scorer = engine, tokenizer, scorer
+    # What every sequence starts with: a soft prompt's virtual tokens (model/peft/prompt.py).
+    self.prefix_ids = list(prefix_ids)
     self.healer = TokenHealer(tokenizer, engine.model_cfg.vocab_size)
     self._texts = self.healer.texts
     from model.inference.chat import PalmaxChat
@@ -265,16 +267,17 @@ class Completer:
     return self._texts[i] if 0 <= i < len(self._texts) else ''
 
   def encode_prompt(self, prompt) -> list[int]:
-    """Text opens like a training document (after `doc_start_id`); a list of ids is used as is."""
+    """Text opens like a training document (after `doc_start_id`); a list of ids is used as is
+    (either after `prefix_ids`)."""
     if isinstance(prompt, str):
-      return [self.tokenizer.doc_start_id] + self.tokenizer.encode(prompt)
+      return self.prefix_ids + [self.tokenizer.doc_start_id] + self.tokenizer.encode(prompt)
     if (isinstance(prompt, list) and prompt and
         all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
       v = self.engine.model_cfg.vocab_size
       bad = [t for t in prompt if not 0 <= t < v]
       if bad:
         raise BadRequest(f'prompt token id {bad[0]} is outside [0, {v})', 'prompt')
-      return list(prompt)
+      return self.prefix_ids + list(prompt)
     raise BadRequest('prompt must be a non-empty string or a list of token ids', 'prompt')
 
   def start(self, prompt, params: CompletionParams, sink: Callable[[Delta], None] | None = None
@@ -339,4 +342,4 @@ class Completer:
     except ValueError as e:
       param = str(e).split(':')[0].split(' ')[0]
       raise BadRequest(str(e), param if param.startswith('messages') else 'messages') from None
-    return self.chat.prompt_ids(messages)
+    return self.prefix_ids + self.chat.prompt_ids(messages)

@@ -93,17 +93,20 @@ class Engine:
   """`Engine(graphdef, params, model_cfg, serve_cfg, eos_id=...)`; `submit(request, on_event)`
   returns a sequence id; `step()` advances everything by one token; `generate(requests)` runs
   requests to completion and returns their events. `namespace` keys the prefix cache (the
-  model's and adapter's identity). With `mesh`, steps run sharded by the model's rules."""
+  model's and adapter's identity). With `mesh`, steps run sharded by the model's rules.
+  `virtual_tokens` ids past the vocabulary may appear in prompts (a soft prompt's,
+  model/peft/prompt.py); they are never sampled."""
 
   def __init__(self, graphdef, params, model_cfg, serve_cfg: ServeConfig | None = None, *,
                eos_id: int = -1, vocab_limit: int = 0, namespace: str = '', mesh=None,
-               rules=None, observer=None):
+               rules=None, observer=None, virtual_tokens: int = 0):
     self.cfg = (serve_cfg or ServeConfig()).validate()
     self.model_cfg = model_cfg
     self.graphdef, self.params = graphdef, params
     self.eos_id, self.vocab_limit, self.namespace = eos_id, vocab_limit, namespace
     self.mesh, self.rules = mesh, rules
     self.observer = observer
+    self.virtual_tokens = virtual_tokens
     s, v = self.cfg.num_slots, model_cfg.vocab_size
     self.max_pages = self.cfg.pages_per_seq(model_cfg.max_seq_len)
     self.pool = page_pool.PagePool(self.cfg.total_pages(model_cfg.max_seq_len), self.cfg.page_size,
@@ -178,9 +181,10 @@ class Engine:
     if n + req.max_tokens > self.model_cfg.max_seq_len:
       raise ValueError(f'prompt of {n} tokens + max_tokens={req.max_tokens} exceeds the '
                        f'context of {self.model_cfg.max_seq_len} tokens')
-    bad = [t for t in req.prompt if not 0 <= int(t) < self.model_cfg.vocab_size]
+    top = self.model_cfg.vocab_size + self.virtual_tokens
+    bad = [t for t in req.prompt if not 0 <= int(t) < top]
     if bad:
-      raise ValueError(f'prompt token id {bad[0]} is outside [0, {self.model_cfg.vocab_size})')
+      raise ValueError(f'prompt token id {bad[0]} is outside [0, {top})')
     if not 0 <= req.logprobs <= self.cfg.max_top_logprobs:
       raise ValueError(f'logprobs={req.logprobs} must be in [0, {self.cfg.max_top_logprobs}]')
     unknown = set(req.sampling) - set(SAMPLING_DEFAULTS)
@@ -311,7 +315,7 @@ class Engine:
     for k, a in self._sampling.items():
       a[b] = params[k]
     mask_V = np.zeros((self.model_cfg.vocab_size,), bool)
-    mask_V[seq.prompt] = True
+    mask_V[[t for t in seq.prompt if t < len(mask_V)]] = True   # Not a soft prompt's ids.
     with self._context():
       self.counts_SV, self.prompt_mask_SV = engine_steps.reset_row(
           self.counts_SV, self.prompt_mask_SV, np.int32(b), mask_V)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import hf_weights, layers, peft, peft_hf, transformer
+from model import hf_weights, layers, peft, transformer
+from model.peft import hf as peft_hf
 from model.config import MoEConfig
 from tests.conftest import tiny_model_config
 

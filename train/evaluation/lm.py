@@ -87,7 +87,7 @@ class PalmaxModel:
 
   @classmethod
   def from_params(cls, graphdef, params, model_cfg, tokenizer, serve_overrides: dict | None = None,
-                  name: str = 'palmax') -> 'PalmaxModel':
+                  name: str = 'palmax', prefix_ids=()) -> 'PalmaxModel':
     """Live parameters (the trainer's, on its mesh) as an EvalModel; `set_params` swaps in
     newer ones without recompiling."""
     from model.inference.completion import Completer
@@ -96,14 +96,14 @@ class PalmaxModel:
     from train.scoring import Scorer
     engine = Engine(graphdef, params, model_cfg, ServeConfig.from_dict(serve_overrides or {}),
                     eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size,
-                    namespace=f'{name}/0')
+                    namespace=f'{name}/0', virtual_tokens=len(prefix_ids))
     mesh = engine.mesh
     if mesh is None:
       import jax
       from model import sharding
       mesh = sharding.make_mesh({'data': 1}, jax.devices()[:1])
     scorer = Scorer(model_cfg, graphdef, params, mesh, tokenizer)
-    return cls(scorer, Completer(engine, tokenizer), engine, name=name)
+    return cls(scorer, Completer(engine, tokenizer, prefix_ids=prefix_ids), engine, name=name)
 
   def set_params(self, params) -> None:
     """New values for the same parameters (same shapes and shardings). The engine's prefix
@@ -128,14 +128,15 @@ class PalmaxModel:
     """Text contexts open on the document start; one too long for the context keeps its last
     tokens (as lm-evaluation-harness truncates)."""
     tok, room = self.tokenizer, self.max_len + 1
+    prefix = self.completer.prefix_ids   # A soft prompt's tokens stay first when cutting.
     ids = []
     for ctx, cont in pairs:
       c = [tok.doc_start_id] + tok.encode(ctx) if isinstance(ctx, str) else list(ctx)
       k = tok.encode(cont) if isinstance(cont, str) else list(cont)
-      if len(k) >= room:
+      if len(k) + len(prefix) >= room:
         raise ValueError(f'a continuation of {len(k)} tokens does not fit the context of '
                          f'{self.max_len} tokens')
-      ids.append((c[-(room - len(k)):], k))
+      ids.append((prefix + c[-(room - len(k) - len(prefix)):], k))
     return self.scorer.loglikelihood(ids, batch_size=batch_size, bucket=True)
 
   def loglikelihood_rolling(self, texts, batch_size: int = 8):
@@ -145,7 +146,9 @@ class PalmaxModel:
     windows, owner = [], []
     for t, text in enumerate(texts):
       ids = [self.tokenizer.doc_start_id] + self.tokenizer.encode(text)
-      for ctx, cont in rolling_windows(ids, self.max_len):
+      prefix = self.completer.prefix_ids
+      for ctx, cont in rolling_windows(ids, self.max_len - len(prefix)):
+        ctx = prefix + ctx
         windows.append((ctx, cont))
         owner.append(t)
     scores = self.scorer.loglikelihood(windows, batch_size=batch_size, bucket=True)

@@ -62,19 +62,21 @@ class PeriodicEval:
   engine built at the first call (later calls swap parameters, no recompiles)."""
 
   def __init__(self, specs: str, workdir: str, graphdef, model_cfg, tokenizer,
-               limit: int = 0, serve_overrides: dict | None = None):
+               limit: int = 0, serve_overrides: dict | None = None, prefix_ids=()):
     from train.evaluation import task as task_lib
     self.specs = task_lib.parse_specs(specs)
     self.workdir, self.graphdef, self.model_cfg, self.tokenizer = (workdir, graphdef, model_cfg,
                                                                    tokenizer)
     self.limit, self.overrides, self.model = limit or None, serve_overrides, None
+    self.prefix_ids = list(prefix_ids)
 
   def __call__(self, params, step: int, log: Callable[[str], None] = print) -> dict:
     """Runs the tasks on `params`; saves WORKDIR/eval/...-step<step>.json; -> flat means."""
     from train.evaluation.lm import PalmaxModel
     if self.model is None:
       self.model = PalmaxModel.from_params(self.graphdef, params, self.model_cfg, self.tokenizer,
-                                           self.overrides, name=self.workdir)
+                                           self.overrides, name=self.workdir,
+                                           prefix_ids=self.prefix_ids)
     else:
       self.model.set_params(params)
     results = evaluate_and_save(self.model, self.specs, self.workdir, step, self.limit,

@@ -24,7 +24,7 @@ import re
 import numpy as np
 
 from model import hf_weights
-from model import peft as peft_lib
+from model.peft import lora as peft_lib
 from model.config import ModelConfig
 
 CONFIG_FILE, WEIGHTS_FILE = 'adapter_config.json', 'adapter_model.safetensors'

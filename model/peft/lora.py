@@ -186,9 +186,22 @@ class LoraLinear(nnx.Module):
                                    precision=jax.lax.Precision.HIGHEST)
 
 
+def is_linear(value) -> bool:
+  """A plain or quantized linear weight (model/layers.Linear, model/quant.QuantLinear), not a
+  wrapper around one (LoRA, adapter)."""
+  return (isinstance(value, Linear) or
+          (isinstance(value, nnx.Module) and hasattr(value, 'eq') and hasattr(value, 'dequantize')))
+
+
+def dequantized(base) -> jax.Array:
+  """The weight of a plain or quantized linear, in its parameter dtype."""
+  return base.dequantize() if hasattr(base, 'dequantize') else base[...]
+
+
 def sites(model) -> Iterator[tuple[str, str, nnx.Module, str, object]]:
   """(path, block-relative path, parent module, attribute, value) for every parameter directly
-  under a block's attn/mlp (Linear, LoraLinear, or another Param such as an MoE expert stack)."""
+  under a block's attn/mlp: a linear weight (plain, quantized, or wrapped by LoRA or an adapter),
+  or another Param such as an MoE expert stack."""
   for j, (_, unit) in enumerate(model.cfg.layer_groups()):
     stack = getattr(model, f'stack{j}')
     for p in range(len(unit)):
@@ -196,7 +209,8 @@ def sites(model) -> Iterator[tuple[str, str, nnx.Module, str, object]]:
       for mod_name in _MODULES:
         mod = getattr(block, mod_name)
         for name, value in list(vars(mod).items()):
-          if not name.startswith('_') and isinstance(value, (nnx.Variable, LoraLinear)):
+          if not name.startswith('_') and (isinstance(value, nnx.Variable) or (
+              isinstance(value, nnx.Module) and hasattr(value, 'apply'))):
             rel = f'{mod_name}/{name}'
             yield f'stack{j}/block{p}/{rel}', rel, mod, name, value
 
@@ -214,7 +228,7 @@ def targeted(model, cfg: LoraConfig) -> list[tuple[str, nnx.Module, str, Linear]
       continue
     if isinstance(value, LoraLinear):
       raise ValueError(f'LoraConfig.targets={cfg.targets!r}: {path} already has a LoRA adapter')
-    if not isinstance(value, Linear):
+    if not is_linear(value):
       raise ValueError(f'LoraConfig.targets={cfg.targets!r} matches {path}, which is not a '
                        'dense Linear weight (LoRA on MoE expert/router weights is unsupported)')
     out.append((path, parent, name, value))
@@ -238,14 +252,16 @@ def apply_lora(model, cfg: LoraConfig, seed: int = 0) -> list[str]:
 
 def merge_lora(model) -> list[str]:
   """Replaces every `LoraLinear` by a plain `Linear` holding W + scale·A·B (float32, cast to
-  the base dtype; same eq and logical names), in place; returns the merged paths. The merged
+  the base dtype; same eq and logical names; a quantized W is dequantized first, as PEFT merges
+  into a QLoRA base), in place; returns the merged paths. The merged
   model has the base model's parameter tree, so it saves and converts like one."""
   merged = []
   for path, _, parent, name, value in list(sites(model)):
     if isinstance(value, LoraLinear):
       base = value.base
-      w = (base[...].astype(jnp.float32) + value.delta()).astype(base.dtype)
-      setattr(parent, name, base.replace(w))
+      w = (dequantized(base).astype(jnp.float32) + value.delta()).astype(base.dtype)
+      plain = base.to_linear(w) if hasattr(base, 'to_linear') else base.replace(w)
+      setattr(parent, name, plain)
       merged.append(path)
   return merged
 
