@@ -1,4 +1,5 @@
 """Shared fixtures. Tests run on CPU with 8 simulated devices so sharding can be checked."""
+import json
 import os
 import sys
 
@@ -140,3 +141,28 @@ def trained_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('trained') / 'w')
   trainer.train(tiny_train_config(glob, steps=3), workdir, log=lambda *_: None)
   return workdir, glob
+
+
+def sft_records(n, offset=0):
+  """SFT records in each supported format (chat messages, Alpaca, prompt/completion)."""
+  out = []
+  for i in range(offset, offset + n):
+    if i % 3 == 0:
+      out.append({'messages': [{'role': 'user', 'content': f'Add {i} to x.'},
+                               {'role': 'assistant', 'content': f'return x + {i}'}]})
+    elif i % 3 == 1:
+      out.append({'instruction': f'Write func_{i}.', 'output': f'def func_{i}(x):\n    return x'})
+    else:
+      out.append({'prompt': f'def func_{i}(x, y={i % 5}):\n', 'completion': '    return x + y\n'})
+  return out
+
+
+@pytest.fixture(scope='session')
+def sft_files(tmp_path_factory):
+  """(train.jsonl, val.jsonl) of `sft_records`: 64 and 16 records."""
+  d = tmp_path_factory.mktemp('sft')
+  paths = []
+  for name, recs in (('train.jsonl', sft_records(64)), ('val.jsonl', sft_records(16, offset=500))):
+    (d / name).write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    paths.append(str(d / name))
+  return paths

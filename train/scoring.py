@@ -60,12 +60,14 @@ def load_params(workdir: str, mesh: Mesh | None = None, rules=None, step: int | 
 @dataclasses.dataclass
 class Scorer:
   """A loaded model with a jitted forward; `tokenizer` is None when the workdir has none (then
-  pass token ids, not text)."""
+  pass token ids, not text). `virtual_tokens` ids past the vocabulary are valid inputs (a soft
+  prompt's, model/peft/prompt.py)."""
   model_cfg: ModelConfig
   graphdef: Any
   params: Any
   mesh: Mesh
   tokenizer: Any = None
+  virtual_tokens: int = 0
 
   @classmethod
   def load(cls, workdir: str, step: int | None = None, mesh: Mesh | None = None) -> 'Scorer':
@@ -97,8 +99,9 @@ class Scorer:
     if tokens_BT.shape[1] > self.model_cfg.max_seq_len:
       raise ValueError(f'{tokens_BT.shape[1]} tokens exceed the context '
                        f'config.model.max_seq_len={self.model_cfg.max_seq_len}')
-    if tokens_BT.min() < 0 or tokens_BT.max() >= self.model_cfg.vocab_size:
-      raise ValueError(f'token ids must be in [0, {self.model_cfg.vocab_size})')
+    top = self.model_cfg.vocab_size + self.virtual_tokens
+    if tokens_BT.min() < 0 or tokens_BT.max() >= top:
+      raise ValueError(f'token ids must be in [0, {top})')
     b = tokens_BT.shape[0]
     pad = -b % self._rows
     padded = np.concatenate([tokens_BT, np.zeros((pad, tokens_BT.shape[1]), np.int32)])

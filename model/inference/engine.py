@@ -309,13 +309,19 @@ class Engine:
       self.slots[seq.slot] = seq
       self._load_slot(seq)
 
+  def _in_vocab(self, prompt) -> list[int]:
+    """The prompt's ids that are vocabulary tokens (not a soft prompt's virtual ones): what the
+    repetition penalties see."""
+    v = self.model_cfg.vocab_size
+    return prompt if not self.virtual_tokens else [t for t in prompt if t < v]
+
   def _load_slot(self, seq: _Seq) -> None:
     b = seq.slot
     params = dict(SAMPLING_DEFAULTS, **seq.req.sampling)
     for k, a in self._sampling.items():
       a[b] = params[k]
     mask_V = np.zeros((self.model_cfg.vocab_size,), bool)
-    mask_V[[t for t in seq.prompt if t < len(mask_V)]] = True   # Not a soft prompt's ids.
+    mask_V[self._in_vocab(seq.prompt)] = True
     with self._context():
       self.counts_SV, self.prompt_mask_SV = engine_steps.reset_row(
           self.counts_SV, self.prompt_mask_SV, np.int32(b), mask_V)
@@ -350,7 +356,7 @@ class Engine:
       starts[i], n_valid[i] = seq.prefilled, len(chunk)
       if seq.req.allowed_first is not None:
         allowed[i] = seq.req.allowed_first
-      mask[i, seq.prompt] = True
+      mask[i, self._in_vocab(seq.prompt)] = True
     width = max(self._width(s.prefilled + c) for s in seqs)
     rows = {k: a[[s.slot for s in seqs]] for k, a in self._sampling.items()}
     with self._context():

@@ -10,35 +10,14 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from model import sharding, transformer
+from model import sharding
+from model.peft.methods import PeftConfig
+from model.peft import methods as peft_lib
 from tests.conftest import tiny_model_config, tree_digest
 from train import checkpoint as ckpt_lib, objectives, optim, sft_data, state as state_lib
-from train import step as step_lib, trainer
+from train import step as step_lib, trainable, trainer
 
 pytestmark = pytest.mark.slow
-
-
-def _records(n, offset=0):
-  out = []
-  for i in range(offset, offset + n):
-    if i % 3 == 0:
-      out.append({'messages': [{'role': 'user', 'content': f'Add {i} to x.'},
-                               {'role': 'assistant', 'content': f'return x + {i}'}]})
-    elif i % 3 == 1:
-      out.append({'instruction': f'Write func_{i}.', 'output': f'def func_{i}(x):\n    return x'})
-    else:
-      out.append({'prompt': f'def func_{i}(x, y={i % 5}):\n', 'completion': '    return x + y\n'})
-  return out
-
-
-@pytest.fixture(scope='module')
-def sft_files(tmp_path_factory):
-  d = tmp_path_factory.mktemp('sft')
-  paths = []
-  for name, recs in (('train.jsonl', _records(64)), ('val.jsonl', _records(16, offset=500))):
-    (d / name).write_text(''.join(json.dumps(r) + '\n' for r in recs))
-    paths.append(str(d / name))
-  return paths
 
 
 def _cfg(base, files, **train):
@@ -91,23 +70,28 @@ def test_records_refused_before_the_workdir_changes(trained_workdir, sft_files, 
 STEPS, ROWS, SEQ = 3, 8, 31
 
 
-def _sft_steps(mesh_cfg, devices, batches):
+def _sft_steps(mesh_cfg, devices, batches, peft=None):
   model_cfg = tiny_model_config(num_layers=2)
   mesh, rules = sharding.mesh_from_config(mesh_cfg, devices)
   t = dict(lr=1e-2, warmup_steps=1, lr_end_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8,
            weight_decay=0.0, clip_norm=0.0)
   import ml_collections
   tx, schedule = optim.make_optimizer(ml_collections.ConfigDict(t), 100)
-  spec = state_lib.make_state_spec(model_cfg, tx, mesh, rules)
-  params = nnx.state(transformer.build(model_cfg, seed=0)).to_pure_dict()
-  state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32),
+  spec = state_lib.make_state_spec(model_cfg, tx, mesh, rules, peft=peft)
+  params = nnx.state(peft_lib.build_model(model_cfg, peft, seed=0)).to_pure_dict()
+  if peft is not None:   # A trained base: LoRA's B starts at zero, so give it something to do.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, a: a + 0.01 if 'lora_b' in jax.tree_util.keystr(p) else a, params)
+  opt = tx.init(trainable.split(params, spec.trainable_mask)[0])
+  state = {'params': params, 'opt_state': opt, 'step': jnp.zeros((), jnp.int32),
            'rng': jax.random.key_data(jax.random.key(1))}
   state = jax.device_put(state, spec.state_shardings)
   batch_sh = NamedSharding(mesh, sharding.logical_to_spec(('batch', None), rules, (ROWS, 1), mesh))
   objective = objectives.get('sft')(None, z_loss=0.0)
   fields_sh = {k: batch_sh for k in objective.batch_fields()}
   with sharding.use_mesh(mesh, rules):
-    step = jax.jit(step_lib.make_train_step(spec.graphdef, tx, schedule, objective=objective),
+    step = jax.jit(step_lib.make_train_step(spec.graphdef, tx, schedule, objective=objective,
+                                            trainable_mask=spec.trainable_mask),
                    in_shardings=(spec.state_shardings, fields_sh),
                    out_shardings=(spec.state_shardings, NamedSharding(mesh, P())))
     losses = []
@@ -117,7 +101,9 @@ def _sft_steps(mesh_cfg, devices, batches):
   return losses, jax.tree.map(np.asarray, state['params'])
 
 
-def test_sft_on_8_devices_equals_1_device():
+@pytest.mark.parametrize('method', ['full', 'lora'])
+def test_sft_on_8_devices_equals_1_device(method):
+  peft = None if method == 'full' else PeftConfig(method='lora', lora_targets=r'(attn|mlp)/w_\w+')
   rng = np.random.default_rng(0)
   exs = [[(rng.integers(3, 60, int(rng.integers(2, 8))).tolist(), False),
           (rng.integers(3, 60, int(rng.integers(1, 6))).tolist(), True)] for _ in range(160)]
@@ -129,8 +115,9 @@ def test_sft_on_8_devices_equals_1_device():
                          {k: v[i * ROWS:(i + 1) * ROWS] for k, v in extras.items()})
              for i in range(STEPS)]
   assert all(len(b['tokens']) == ROWS for b in batches)
-  one = _sft_steps({'data': 1}, jax.devices()[:1], batches)
-  eight = _sft_steps({'data': 2, 'fsdp': 2, 'tensor': 2}, jax.devices(), batches)
+  one = _sft_steps({'data': 1}, jax.devices()[:1], batches, peft)
+  eight = _sft_steps({'data': 2, 'fsdp': 2, 'tensor': 2}, jax.devices(), batches, peft)
+  assert one[0][-1] < one[0][0]
   np.testing.assert_allclose(eight[0], one[0], rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(eight[1]), jax.tree.leaves(one[1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -82,7 +82,7 @@ class PalmaxModel:
     from train.scoring import Scorer
     completer, engine = load_completer(workdir, step, serve_overrides, on_config_mesh)
     scorer = Scorer(engine.model_cfg, engine.graphdef, engine.params, engine.mesh,
-                    completer.tokenizer)
+                    completer.tokenizer, virtual_tokens=engine.virtual_tokens)
     return cls(scorer, completer, engine, name=workdir)
 
   @classmethod
@@ -102,7 +102,7 @@ class PalmaxModel:
       import jax
       from model import sharding
       mesh = sharding.make_mesh({'data': 1}, jax.devices()[:1])
-    scorer = Scorer(model_cfg, graphdef, params, mesh, tokenizer)
+    scorer = Scorer(model_cfg, graphdef, params, mesh, tokenizer, virtual_tokens=len(prefix_ids))
     return cls(scorer, Completer(engine, tokenizer, prefix_ids=prefix_ids), engine, name=name)
 
   def set_params(self, params) -> None:
