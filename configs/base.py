@@ -103,9 +103,10 @@ def get_base() -> ml_collections.ConfigDict:
 
   # Parameter-efficient fine-tuning (model/peft/): method '' (full fine-tuning) | lora |
   # adapter | prompt, the base frozen and, with `quant` (int8 | int4 | nf4; QLoRA), stored
-  # quantized. lora_*: rank, alpha (scale alpha/rank, alpha/sqrt(rank) with rslora), input
-  # dropout, and the weights adapted (re.fullmatch over 'attn/w_q', 'mlp/w_up', ...);
-  # adapter_dim/targets: Houlsby bottlenecks after those weights; prompt_tokens: soft-prompt
-  # length. Checkpoints then hold only what trains, plus the digest of train.init_from's base.
+  # quantized (groups of quant_group_size), or with base_dtype='bfloat16' in 16 bits. lora_*:
+  # rank, alpha (scale alpha/rank, alpha/sqrt(rank) with rslora), input dropout, and the
+  # weights adapted (re.fullmatch over 'attn/w_q', 'mlp/w_up', ...); adapter_dim/targets:
+  # Houlsby bottlenecks after those weights; prompt_tokens: soft-prompt length. Checkpoints then
+  # hold only what trains, plus the digest of train.init_from's base.
   cfg.peft = ml_collections.ConfigDict(dataclasses.asdict(PeftConfig()))
   return cfg

@@ -117,6 +117,7 @@ SERVE_RULES = {
 PEFT_RULES = {
     'method': Rule('str', note="'' (full fine-tuning), lora, adapter or prompt"),
     'quant': Rule('str', note="'', int8, int4 or nf4"),
+    'base_dtype': Rule('str', note="'' (as trained) or bfloat16"),
     'quant_group_size': positive_int(), 'quant_targets': Rule('str', lo=1),
     'lora_rank': positive_int(), 'lora_alpha': number(gt=0), 'lora_dropout': number(ge=0, lt=1),
     'lora_targets': Rule('str', lo=1), 'rslora': BOOL,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax.numpy as jnp
 from flax import nnx
 
 from model.peft import adapter as adapter_lib
@@ -25,6 +26,7 @@ from model.peft import lora as lora_lib
 from model.peft import prompt as prompt_lib
 
 QUANT_KINDS = ('', 'int8', 'int4', 'nf4')
+BASE_DTYPES = ('', 'bfloat16')   # '' = the dtype the base was trained in.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,7 @@ class PeftConfig:
   """`config.peft`; field meanings in configs/base.py. method '' = no PEFT (full fine-tuning)."""
   method: str = ''
   quant: str = ''
+  base_dtype: str = ''
   quant_group_size: int = 64
   quant_targets: str = r'(attn|mlp)/w_\w+'
   lora_rank: int = 8
@@ -67,6 +70,12 @@ class PeftConfig:
                        f"{['', *METHODS]} ('' = full fine-tuning)")
     if self.quant not in QUANT_KINDS:
       raise ValueError(f'config.peft.quant={self.quant!r}: expected one of {list(QUANT_KINDS)}')
+    if self.base_dtype not in BASE_DTYPES:
+      raise ValueError(f'config.peft.base_dtype={self.base_dtype!r}: expected one of '
+                       f"{list(BASE_DTYPES)} ('' = as trained)")
+    if self.base_dtype and not self.method:
+      raise ValueError(f'config.peft.base_dtype={self.base_dtype!r} stores the frozen base: it '
+                       'needs a config.peft.method')
     if self.quant and not self.method:
       raise ValueError(f'config.peft.quant={self.quant!r} freezes the base: it needs a '
                        "config.peft.method that trains something ('lora', 'adapter', 'prompt')")
@@ -115,7 +124,25 @@ def apply_peft(model, p: PeftConfig, seed: int = 0) -> list[str]:
                                     p.quant_targets)
   if p.method:
     changed += METHODS[p.method].apply(model, p, seed)
+  if p.base_dtype:
+    changed += _cast_frozen(model, jnp.dtype(p.base_dtype))
   return changed
+
+
+# What PEFT methods add (and train): kept in their own dtype when the base is cast.
+_METHOD_PARAMS = (lora_lib.LoraParam, adapter_lib.AdapterParam, prompt_lib.PromptParam)
+
+
+def _cast_frozen(model, dtype) -> list[str]:
+  """Stores every base parameter (not the method's, not quantized codes) in `dtype`: the
+  frozen base in bfloat16 halves its bytes; it is cast to the compute dtype when used anyway."""
+  cast = []
+  for path, var in nnx.iter_graph(model):
+    if (isinstance(var, nnx.Param) and not isinstance(var, _METHOD_PARAMS)
+        and jnp.issubdtype(var.dtype, jnp.floating) and var.dtype != dtype):
+      var.value = var.value.astype(dtype)
+      cast.append('/'.join(map(str, path)))
+  return cast
 
 
 def build_model(model_cfg, p: PeftConfig | None = None, seed: int = 0):
