@@ -2,6 +2,7 @@
 
   python -m launch.convert --from=hf --family=llama --src=HF_DIR --dst=WORKDIR
   python -m launch.convert --to=hf --family=llama --src=WORKDIR --dst=HF_DIR [--max_shard_size=5GB]
+  python -m launch.convert --to=peft --family=llama --src=LORA_WORKDIR --dst=ADAPTER_DIR
 
 Families: llama, mistral, mixtral, gemma, gemma2, gemma3. Import reads safetensors or PyTorch
 .bin (sharded index files included) and writes a workdir that `launch.sample` and
@@ -10,6 +11,9 @@ Families: llama, mistral, mixtral, gemma, gemma2, gemma3. Import reads safetenso
 (`hf_tokenizer/`) and its HF config and per-tensor dtypes (`hf/`). Export writes sharded
 safetensors, their index, config.json and the tokenizer files: a directory
 `transformers.AutoModelForCausalLM.from_pretrained` loads. A round trip is bit-identical.
+A PEFT workdir (config.peft) exports merged: adapters folded into the (dequantized) base. `--to=peft`
+writes a LoRA workdir's adapters unmerged as adapter_config.json + adapter_model.safetensors,
+which `peft.PeftModel.from_pretrained` loads on the base exported with --to=hf.
 
 Output goes to a temporary directory next to --dst, renamed into place at the end: on any error
 (unknown family, missing tensor, shape or dtype the target cannot hold) --dst is left untouched.
@@ -27,7 +31,9 @@ def _define_flags() -> None:
   can import its functions without absl duplicate-flag clashes."""
   global _FROM, _TO, _FAMILY, _SRC, _DST, _PARAM_DTYPE, _DTYPE, _MAX_SHARD, _STEP
   _FROM = flags.DEFINE_enum('from', None, ['hf'], 'Import: --src is a HF checkpoint directory.')
-  _TO = flags.DEFINE_enum('to', None, ['hf'], 'Export: --src is a palmax workdir.')
+  _TO = flags.DEFINE_enum('to', None, ['hf', 'peft'], 'Export: --src is a palmax workdir; hf '
+                          'writes a HF checkpoint (PEFT adapters merged in), peft a LoRA '
+                          "workdir's adapters in the PEFT library's format.")
   _FAMILY = flags.DEFINE_string('family', None, 'llama | mistral | mixtral | gemma | gemma2 | gemma3')
   _SRC = flags.DEFINE_string('src', None, 'Source directory.')
   _DST = flags.DEFINE_string('dst', None, 'Destination directory (must not exist, or be empty).')
@@ -56,7 +62,7 @@ def run(from_: str | None, to: str | None, family: str | None, src: str | None, 
   """The command, callable from Python. Raises ValueError/FileNotFoundError on bad input."""
   from model.hf import FAMILIES
   if (from_ is None) == (to is None):
-    raise ValueError('pass exactly one of --from=hf (import) or --to=hf (export)')
+    raise ValueError('pass exactly one of --from=hf (import) or --to=hf|peft (export)')
   if family not in FAMILIES:
     raise ValueError(f'--family={family!r} is not supported; expected one of {sorted(FAMILIES)}')
   for name, value in (('--src', src), ('--dst', dst)):
@@ -74,6 +80,9 @@ def run(from_: str | None, to: str | None, family: str | None, src: str | None, 
     if from_:
       from launch import convert_import
       convert_import.import_hf(src, tmp, family, param_dtype=param_dtype, final_dst=dst, log=log)
+    elif to == 'peft':
+      from launch import convert_export
+      convert_export.export_peft_adapter(src, tmp, family, step=step, log=log)
     else:
       from launch import convert_export
       convert_export.export_hf(src, tmp, family, dtype=dtype, max_shard_size=max_shard_size,

@@ -57,6 +57,55 @@ def make_cast(dtype: str, recorded: dict[str, str], default: np.dtype):
   return cast, target
 
 
+class MergedReader:
+  """A PEFT workdir's parameters merged into the base layout (model/peft/methods.py
+  merge_peft: W + scale·A·B, a quantized base dequantized), held in memory, read like a
+  checkpoint's leaves (`LeafReader.shape/dtype/read`)."""
+
+  def __init__(self, src: str, step: int | None, log=print):
+    from flax import nnx
+    from launch.workdir import load_model
+    from model.peft import methods as peft_lib
+    from train import peft_run
+    cfg, _, graphdef, params, _ = load_model(src, step)
+    model = nnx.merge(graphdef, params)
+    merged = peft_lib.merge_peft(model, peft_run.config_of(cfg))
+    log(f'merged {len(merged)} PEFT weights of {src} into its base')
+    self.params = nnx.state(model).to_pure_dict()
+
+  def _leaf(self, path: tuple[str, ...]) -> np.ndarray:
+    node = self.params
+    for k in path[1:]:   # path[0] is 'params'.
+      node = node[k]
+    return np.asarray(node)
+
+  def shape(self, path):
+    return tuple(self._leaf(path).shape)
+
+  def dtype(self, path):
+    return self._leaf(path).dtype
+
+  def read(self, path, start: int, stop: int, axis: int = 0) -> np.ndarray:
+    return np.take(self._leaf(path), np.arange(start, stop), axis=axis)
+
+
+def export_peft_adapter(src: str, out: str, family: str, *, step: int | None,
+                        log=print) -> None:
+  """A LoRA workdir's adapters (unmerged) in the Hugging Face PEFT library's format:
+  `peft.PeftModel.from_pretrained(<its base exported with --to=hf>, out)` loads them."""
+  from flax import nnx
+  from launch.workdir import load_model
+  from model.peft import hf as peft_hf
+  from train import peft_run
+  cfg, model_cfg, graphdef, params, _ = load_model(src, step)
+  p = peft_run.config_of(cfg)
+  if p.method != 'lora':
+    raise ValueError(f'--to=peft exports LoRA adapters; {src} has config.peft.method={p.method!r}')
+  base = (peft_run.read_base(src, step) or {}).get('workdir', '')
+  files = peft_hf.export_peft(nnx.merge(graphdef, params), p.lora(), model_cfg, out, base)
+  log(f'{family}: LoRA rank {p.lora_rank} adapters ({", ".join(files)}) -> {out}')
+
+
 def export_hf(src: str, out: str, family: str, *, dtype: str, max_shard_size: str,
               step: int | None, log=print) -> None:
   from launch.hf_files import parse_size, write_safetensors
@@ -72,6 +121,9 @@ def export_hf(src: str, out: str, family: str, *, dtype: str, max_shard_size: st
   model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
   reader = cs.LeafReader(src, step)
   cs.check_model(reader.record, model_cfg, f'checkpoint {reader.directory}')
+  from train import peft_run
+  if peft_run.config_of(cfg).active:   # Adapters (+ a quantized base) merged into plain weights.
+    reader = MergedReader(src, step, log)
 
   plan = hf_weights.hf_plan(model_cfg)
   for leaf in hf_weights.leaves(model_cfg):

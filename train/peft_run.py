@@ -119,6 +119,11 @@ def restore_adapter_only(workdir: str, cfg, model_cfg: ModelConfig, abstract, sh
   return trainable.merge(saved, trainable.split(full, mask)[1]), record
 
 
+def read_base(workdir: str, step: int | None = None) -> dict | None:
+  """The base entry of `workdir`'s checkpoint record, or None (not adapter-only)."""
+  return checkpoint_stream.read_record(workdir, step).get(BASE_KEY)
+
+
 def check_base(record: dict, where: str) -> dict:
   """The base entry of an adapter-only checkpoint's record, after checking that the base still
   holds that step with the same digest (CheckpointMismatchError in one line otherwise)."""
