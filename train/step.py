@@ -23,8 +23,12 @@ def make_objective_loss(graphdef, objective) -> Callable:
   the MoE layers' balance and router z-losses (already scaled by their coefficients) of every
   forward the objective runs; aux holds the objective's metrics and, under 'moe', the first
   forward's per-layer MoE stats in the layer structure (for the router-bias update)."""
-  def loss_fn(params, batch):
-    forward = ModelForward(nnx.merge(graphdef, params))
+  def loss_fn(params, batch, rng=None):
+    model = nnx.merge(graphdef, params)
+    if rng is not None:   # Training-time randomness (LoRA dropout); evaluation passes none.
+      from model.peft import lora
+      lora.set_dropout_keys(model, rng)
+    forward = ModelForward(model)
     total, aux = objective.loss(forward, batch)
     moe_auxes = forward.moe_auxes
     for moe_aux in moe_auxes:
@@ -110,8 +114,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
   """
   loss_fn = make_objective_loss(graphdef, objective or NextToken(z_loss=z_loss))
 
-  def loss_of_trainable(train_params, frozen_params, micro):
-    return loss_fn(trainable.merge(train_params, frozen_params), micro)
+  def loss_of_trainable(train_params, frozen_params, micro, rng):
+    return loss_fn(trainable.merge(train_params, frozen_params), micro, rng)
 
   grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
 
@@ -123,19 +127,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     model_cfg = nnx.merge(graphdef, params).cfg
     bias_update_rate = model_cfg.moe.bias_update_rate if model_cfg.moe else 0.0
     b = batch['tokens'].shape[0]
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
     if grad_accum == 1:  # No accumulation scan: it costs copies of its carry on one device.
-      (_, aux), grads = grad_fn(train_params, frozen_params, batch)
+      (_, aux), grads = grad_fn(train_params, frozen_params, batch, rng)
     else:
       micro = jax.tree.map(lambda x: x.reshape(grad_accum, b // grad_accum, *x.shape[1:]), batch)
       # The aux structure (objective metrics, MoE stats), to accumulate over microbatches.
       aux_shape = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], micro))[1]
 
       def accumulate(carry, one):
-        (_, aux), g = grad_fn(train_params, frozen_params, one)
+        one, i = one
+        (_, aux), g = grad_fn(train_params, frozen_params, one, jax.random.fold_in(rng, i))
         return jax.tree.map(jnp.add, carry, (g, aux)), None
 
       zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (train_params, aux_shape))
-      (g_sum, aux_sum), _ = jax.lax.scan(accumulate, zeros, micro)
+      (g_sum, aux_sum), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
       grads, aux = jax.tree.map(lambda x: x / grad_accum, (g_sum, aux_sum))
     loss = aux['loss']
     grad_norm = optax.global_norm(grads)

@@ -40,6 +40,11 @@ class LoraParam(nnx.Param):
   """A LoRA factor (A or B): its own type, so filters and trainable masks select adapters."""
 
 
+class DropoutKey(nnx.Variable):
+  """Per-layer PRNG key data [L..., 2] (uint32) for the adapter's input dropout, set by
+  `set_dropout_keys` for one training forward; never a parameter."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
   """LoRA hyperparameters. `dropout` is applied to the adapter's input only when `apply` gets
@@ -163,8 +168,12 @@ class LoraLinear(nnx.Module):
   def apply(self, x: jax.Array, dtype, rng: jax.Array | None = None) -> jax.Array:
     """base.apply(x) + scale·(x·A)·B. x·A runs in the compute dtype accumulating in float32;
     the rank-r product with B stays in float32 (r is small), then one cast to `dtype`. With
-    `rng` and dropout > 0 the adapter's input is dropped (inverted dropout, training only)."""
+    dropout > 0 and a key (`rng`, or the `dropout_key` a training forward set) the adapter's
+    input is dropped (inverted dropout); without one (evaluation, serving) it is not."""
     y = self.base.apply(x, dtype)
+    key = getattr(self, 'dropout_key', None)
+    if rng is None and key is not None:
+      rng = jax.random.wrap_key_data(key[...])
     if rng is not None and self.dropout > 0:
       keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
@@ -264,6 +273,20 @@ def merge_lora(model) -> list[str]:
       setattr(parent, name, plain)
       merged.append(path)
   return merged
+
+
+def set_dropout_keys(model, rng: jax.Array) -> int:
+  """Gives every LoRA site with dropout > 0 fresh keys from `rng` for the next forward, one
+  per stacked layer (the layer scan slices them like the weights); returns how many sites."""
+  n = 0
+  for i, (path, lora) in enumerate(lora_sites(model).items()):
+    if lora.dropout <= 0:
+      continue
+    lead = lora.lora_a.shape[:layout(lora.base).lead]
+    keys = jax.random.split(jax.random.fold_in(rng, i), max(1, math.prod(lead)))
+    lora.dropout_key = DropoutKey(jax.random.key_data(keys).reshape(lead + (-1,)))
+    n += 1
+  return n
 
 
 def lora_sites(model) -> dict[str, LoraLinear]:

@@ -1,4 +1,4 @@
-"""LoRA surgery (model/peft.py) and PEFT-format adapters (model/peft_hf.py).
+"""LoRA surgery (model/peft/lora.py) and PEFT-format adapters (model/peft/hf.py).
 
 A fresh adapter must leave the forward bit-identical (B = 0); merging must match the unmerged
 adapter within 1e-5; an adapter exported from palmax and loaded by `peft` on the same HF base
@@ -298,3 +298,43 @@ def test_peft_library_loads_palmax_adapters_and_palmax_imports_peft_adapters(tmp
   assert err < 1e-4 and moved > 1e-2
   np.testing.assert_array_equal(back, ours)
   assert err2 < 1e-4 and moved2 > 1e-2
+
+
+def test_lora_dropout_acts_in_training_steps_only(base, tokens):
+  """Dropout on the adapter's input: a training step's gradients depend on the step's key (a
+  different key, different B updates; the same key, the same ones); forwards without a key
+  (evaluation, serving) are deterministic and equal dropout 0's."""
+  import optax
+  from train import objectives, step as step_lib, trainable
+  from model.peft import lora as lora_lib
+
+  def state_for(dropout):
+    model = nnx.clone(base[0])
+    peft.apply_lora(model, peft.LoraConfig(rank=4, alpha=8.0, dropout=dropout))
+    _randomize(model)
+    return model
+
+  def one_step(model, rng_seed):
+    graphdef, params = nnx.split(model)
+    params = params.to_pure_dict()
+    mask = trainable.make_mask(params, 'lora_')
+    tx = optax.sgd(1.0)
+    step = jax.jit(step_lib.make_train_step(graphdef, tx, optax.constant_schedule(1.0),
+                                            objective=objectives.get('lm')(None, z_loss=0.0),
+                                            trainable_mask=mask))
+    state = {'params': params, 'opt_state': tx.init(trainable.split(params, mask)[0]),
+             'step': jnp.zeros((), jnp.int32),
+             'rng': jax.random.key_data(jax.random.key(rng_seed))}
+    new, _ = step(state, {'tokens': jnp.concatenate([tokens, tokens[:, :1]], axis=1)})
+    return np.asarray(new['params']['stack0']['block0']['attn']['w_q']['lora_b'])
+
+  dropped = state_for(0.5)
+  a, b, c = one_step(dropped, 0), one_step(dropped, 0), one_step(dropped, 1)
+  plain = one_step(state_for(0.0), 0)
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(a - c).max() > 1e-6 and np.abs(a - plain).max() > 1e-6
+  # No key, no dropout: the eval forward equals the dropout-0 model's.
+  fwd = _forward(dropped)
+  np.testing.assert_array_equal(fwd(nnx.state(dropped), tokens),
+                                fwd(nnx.state(state_for(0.0)), tokens))
+  assert lora_lib.set_dropout_keys(nnx.clone(dropped), jax.random.key(0)) == 2
