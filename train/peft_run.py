@@ -85,11 +85,15 @@ def base_params(base: str, step: int | None, model_cfg: ModelConfig, peft: peft_
                 'digest': base_digest(base, step)}
 
 
-def describe(spec) -> str:
-  """'12,288 of 1,234,567 parameters (1.00%)' for the log."""
+def describe(spec, model_cfg: ModelConfig, peft: peft_lib.PeftConfig) -> str:
+  """'12,288 of 1,234,567 parameters (1.00%)' for the log; a quantized weight counts its
+  elements, not its packed codes."""
+  import dataclasses
   sizes = [(int(a.size), m) for a, m in zip(jax.tree.leaves(spec.abstract_params),
                                              jax.tree.leaves(spec.trainable_mask))]
-  total, train = sum(n for n, _ in sizes), sum(n for n, m in sizes if m)
+  train = sum(n for n, m in sizes if m)
+  unquantized = peft_lib.abstract_model(model_cfg, dataclasses.replace(peft, quant=''))
+  total = sum(int(a.size) for a in jax.tree.leaves(nnx.state(unquantized)))
   return f'{train:,} of {total:,} parameters ({100 * train / max(total, 1):.2f}%)'
 
 

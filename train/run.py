@@ -166,7 +166,7 @@ def build(cfg, workdir: str, log=print) -> Run:
       state['params'], peft_base = peft_run.base_params(t.init_from, None, model_cfg, peft,
                                                         spec.param_shardings, rules, t.seed)
       log(f'Initialised the frozen base from {t.init_from} (its step {peft_base["step"]}); '
-          f'{peft.method} trains {peft_run.describe(spec)}')
+          f'{peft.method} trains {peft_run.describe(spec, model_cfg, peft)}')
     elif t.get('init_from'):  # Continued pretraining / fine-tuning: its weights, a fresh optimizer.
       from train import checkpoint_stream
       state['params'], src_step = checkpoint_stream.init_params(
