@@ -169,8 +169,11 @@ def trainable_pattern(p: PeftConfig | None, pattern: str = '') -> str:
 def merge_peft(model, p: PeftConfig) -> list[str]:
   """Folds the method into plain weights and dequantizes the base, in place: the model then has
   the base architecture's parameter tree (export, conversion). ValueError for a method that
-  cannot merge (adapters add layers; soft prompts add inputs)."""
+  cannot merge (adapters add layers; soft prompts add inputs). A base stored in bfloat16
+  (`base_dtype`) comes back as float32 weights."""
   merged = []
+  if p.base_dtype:   # Merge in float32: W + scale·A·B rounded to bfloat16 would lose the update.
+    _cast_frozen(model, jnp.dtype(jnp.float32))
   if p.method:
     merge = METHODS[p.method].merge
     if merge is None:
