@@ -5,11 +5,9 @@ import re
 import shutil
 import sys
 
-import nbformat
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-NOTEBOOK = os.path.join(ROOT, 'colab', 'finetune.ipynb')
+from tests.colab.notebooks import ROOT, assert_committed_clean, read, stream_text
 STEPS = 6   # Evaluations at steps 2, 4 and 6 (eval_every = STEPS // 3).
 # QLoRA adds a third run (about 75 s on a busy 2-core machine): skipped here, its cell says so
 # (True runs it too, and the test checks it like the LoRA run).
@@ -19,19 +17,17 @@ CELLS = ('install', 'parameters', 'base', 'task', 'before', 'sft', 'lora', 'qlor
 
 
 def _read():
-  return nbformat.read(NOTEBOOK, as_version=4)
+  return read('finetune.ipynb')
 
 
-def _text(cell) -> str:
-  return ''.join(o.get('text', '') for o in cell.outputs if o.output_type == 'stream')
+_text = stream_text
 
 
 def test_notebook_is_valid_and_has_no_outputs():
   nb = _read()
-  nbformat.validate(nb)
+  assert_committed_clean(nb)
   for cell in nb.cells:
     if cell.cell_type == 'code':
-      assert cell.outputs == [] and cell.execution_count is None, cell.id
       compile(cell.source, cell.id, 'exec')
   ids = [c.id for c in nb.cells]
   assert len(set(ids)) == len(ids) and set(CELLS) <= set(ids)

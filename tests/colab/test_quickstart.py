@@ -3,18 +3,16 @@ import json
 import os
 import sys
 
-import nbformat
 import pytest
 
+from tests.colab.notebooks import ROOT, assert_committed_clean, read
 from tests.conftest import write_code_corpus
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-NOTEBOOK = os.path.join(ROOT, 'colab', 'quickstart.ipynb')
 STEPS = 4
 
 
 def _read():
-  return nbformat.read(NOTEBOOK, as_version=4)
+  return read('quickstart.ipynb')
 
 
 def _cell(nb, tag):
@@ -24,10 +22,7 @@ def _cell(nb, tag):
 
 def test_notebook_is_valid_and_has_no_outputs():
   nb = _read()
-  nbformat.validate(nb)
-  for cell in nb.cells:
-    if cell.cell_type == 'code':
-      assert cell.outputs == [] and cell.execution_count is None, cell.id
+  assert_committed_clean(nb)
   assert 'STEPS' in _cell(nb, 'parameters').source
   # Every code cell is valid Python once IPython has expanded its magics (%pip).
   from IPython.core.inputtransformer2 import TransformerManager

@@ -3,27 +3,23 @@ import os
 import shutil
 import sys
 
-import nbformat
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-NOTEBOOK = os.path.join(ROOT, 'colab', 'serving.ipynb')
+from tests.colab.notebooks import ROOT, assert_committed_clean, read, stream_text
 
 
 def _read():
-  return nbformat.read(NOTEBOOK, as_version=4)
+  return read('serving.ipynb')
 
 
-def _text(cell) -> str:
-  return ''.join(o.get('text', '') for o in cell.outputs if o.output_type == 'stream')
+_text = stream_text
 
 
 def test_notebook_is_valid_and_has_no_outputs():
   nb = _read()
-  nbformat.validate(nb)
+  assert_committed_clean(nb)
   for cell in nb.cells:
     if cell.cell_type == 'code':
-      assert cell.outputs == [] and cell.execution_count is None, cell.id
       compile(cell.source, cell.id, 'exec')
 
 
