@@ -164,5 +164,11 @@ def test_adapters_and_soft_prompts_learn_and_evaluate_with_their_graph(method, t
       want.append(int(np.argmax(logits[:model.tokenizer.vocab_size])))
       seq.append(want[-1])
     assert list(got.token_ids) == want
+    # A prompt longer than the context keeps its last tokens after the soft prompt.
+    from train.evaluation.lm import Generation
+    long = 'x = 1\n' * 100
+    fitted = model._fit(long, 8)   # pylint: disable=protected-access
+    assert len(model.completer.encode_prompt(fitted)) == model.max_len - 8
+    assert len(model.generate([long], Generation(max_tokens=8))[0]) == 1
   finally:
     model.close()

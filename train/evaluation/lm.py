@@ -179,11 +179,12 @@ class PalmaxModel:
     """The prompt's ids, keeping its last tokens when it and the response overflow the context
     (few-shot prompts can be long); text when it fits, so token healing applies."""
     ids = self.completer.encode_prompt(prompt)
+    prefix = len(self.completer.prefix_ids)   # A soft prompt's tokens: kept, put back by start.
     room = self.max_len - max_tokens
-    if room < 2:
+    if room < 2 + prefix:
       raise ValueError(f'max_tokens={max_tokens} leaves no room for a prompt in the context of '
                        f'{self.max_len} tokens')
-    return prompt if len(ids) <= room - 1 else ids[-room:]
+    return prompt if len(ids) <= room - 1 else ids[prefix:][-(room - prefix):]
 
 
 def rolling_windows(ids: Sequence[int], max_len: int) -> list[tuple[list[int], list[int]]]:
