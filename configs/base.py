@@ -42,7 +42,9 @@ def get_base() -> ml_collections.ConfigDict:
       # source='sft': a bundled task (train/sft_tasks.py, e.g. 'stdlib_functions') or JSONL
       # records in `paths` (+ `sft_val_paths` for validation); examples packed into rows
       # (`sft_packing`), one longer than a row 'truncate'd or 'drop'ped (`sft_overflow`).
-      sft_task='', sft_val_paths=(), sft_packing=True, sft_overflow='truncate'))
+      sft_task='', sft_val_paths=(), sft_packing=True, sft_overflow='truncate',
+      # With data.tfds_name: records from that prepared TFDS dataset's tfds_split and this one.
+      sft_tfds_val_split='validation'))
   cfg.data.tokenizer = ml_collections.ConfigDict(dict(
       model_type='bpe', path='', train_bytes=8_000_000))
   # One source of truth: the tokenizer is trained to the model's vocabulary size.

@@ -37,6 +37,7 @@ DATA_RULES = {
     'sft_val_paths': Rule('strs', note='JSONL validation records for source sft'),
     'sft_packing': BOOL,
     'sft_overflow': choice(('truncate', 'drop')),
+    'sft_tfds_val_split': Rule('str', note="a split of data.tfds_name, '' = none"),
     'tokenizer': Rule('section'),
 }
 TOKENIZER_RULES = {

@@ -189,9 +189,11 @@ def jsonl_documents(paths: str | Sequence[str], text_key: str = 'text') -> list[
   return docs
 
 
-def tfds_documents(name: str, split: str = 'train', text_key: str = 'text',
-                   data_dir: str | None = None, limit: int = 0) -> list[Document]:
-  """Documents from a prepared TFDS dataset via `tfds.data_source` (random access, no TensorFlow).
+def tfds_records(name: str, split: str = 'train', data_dir: str | None = None,
+                 limit: int = 0) -> list[tuple[dict, str]]:
+  """(record, 'name/split[i]') pairs of a prepared TFDS dataset via `tfds.data_source` (random
+  access, no TensorFlow), text decoded: bytes become str, and a Sequence of dicts (TFDS gives
+  {'role': [...], 'content': [...]}) becomes a list of dicts (chat `messages`).
 
   Nothing is downloaded: the dataset must already be prepared under `data_dir` (or the default TFDS
   directory). `limit > 0` reads only the first `limit` records.
@@ -212,22 +214,48 @@ def tfds_documents(name: str, split: str = 'train', text_key: str = 'text',
   except Exception as e:
     raise ValueError(f'cannot read {where}: {_first_line(e)}') from None
   n = len(source) if not limit else min(limit, len(source))
-  docs = []
+  out = []
   for i in range(n):
     record = source[i]
-    if not isinstance(record, dict) or text_key not in record:
-      keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-      raise ValueError(f'{where}, record {i}: missing key {text_key!r} (data.text_key); '
-                       f'found {keys}')
-    value = record[text_key]
-    if hasattr(value, 'item') and getattr(value, 'shape', None) == ():
-      value = value.item()  # numpy scalar → bytes/str
-    if isinstance(value, bytes):
-      value = _decode_utf8(value, f'{where}, record {i}')
-    if not isinstance(value, str):
-      raise ValueError(f'{where}, record {i}: field {text_key!r} must be text, '
-                       f'got {type(value).__name__}')
-    docs.append(Document(f'{name}/{split}[{i}]', value))
+    if not isinstance(record, dict):
+      raise ValueError(f'{where}, record {i}: expected a dict of features, got '
+                       f'{type(record).__name__}')
+    out.append(({k: _plain(v, f'{where}, record {i}') for k, v in record.items()},
+                f'{name}/{split}[{i}]'))
+  return out
+
+
+def _plain(value, where: str):
+  """A TFDS feature value as JSON-like Python: str for text, lists, dicts; lists of dicts for a
+  Sequence of dicts (a dict of equally long lists)."""
+  if hasattr(value, 'tolist') and not isinstance(value, (bytes, str)):
+    value = value.tolist()   # numpy scalars and arrays.
+  if isinstance(value, bytes):
+    return _decode_utf8(value, where)
+  if isinstance(value, list):
+    return [_plain(v, where) for v in value]
+  if isinstance(value, dict):
+    value = {k: _plain(v, where) for k, v in value.items()}
+    lists = [v for v in value.values() if isinstance(v, list)]
+    if value and len(lists) == len(value) and len({len(v) for v in lists}) == 1:
+      return [dict(zip(value, row)) for row in zip(*value.values())]
+  return value
+
+
+def tfds_documents(name: str, split: str = 'train', text_key: str = 'text',
+                   data_dir: str | None = None, limit: int = 0) -> list[Document]:
+  """Documents (field `text_key`) from a prepared TFDS dataset; see `tfds_records`."""
+  docs = []
+  for i, (record, where) in enumerate(tfds_records(name, split, data_dir, limit)):
+    where = (f'tfds dataset {name!r} (data.tfds_name), split {split!r}, data_dir {data_dir!r}, '
+             f'record {i}')
+    if text_key not in record:
+      raise ValueError(f'{where}: missing key {text_key!r} (data.text_key); found '
+                       f'{sorted(record)}')
+    if not isinstance(record[text_key], str):
+      raise ValueError(f'{where}: field {text_key!r} must be text, got '
+                       f'{type(record[text_key]).__name__}')
+    docs.append(Document(f'{name}/{split}[{i}]', record[text_key]))
   return docs
 
 

@@ -169,8 +169,9 @@ def chat_format(tokenizer, tokenizer_dir: str | None):
 
 
 def load_records(data_cfg) -> dict[str, list[tuple[Any, str]]]:
-  """{'train', 'validation'}: (record, where) pairs from `data.sft_task` (bundled) or the JSONL
-  files `data.paths` (training) and `data.sft_val_paths` (validation)."""
+  """{'train', 'validation'}: (record, where) pairs from `data.sft_task` (bundled), a prepared
+  TFDS dataset `data.tfds_name` (splits `data.tfds_split` and `data.sft_tfds_val_split`), or the
+  JSONL files `data.paths` (training) and `data.sft_val_paths` (validation)."""
   from train import sft_tasks
   task = data_cfg.get('sft_task', '')
   if task:
@@ -179,9 +180,16 @@ def load_records(data_cfg) -> dict[str, list[tuple[Any, str]]]:
     make = sft_tasks.SFT_TASKS[task]
     return {s: [(r, f'{task}/{s}/{i}') for i, r in enumerate(make(s))]
             for s in ('train', 'validation')}
+  if data_cfg.get('tfds_name'):   # A prepared TFDS dataset of records, by name.
+    from train import corpus
+    name, data_dir = data_cfg.tfds_name, data_cfg.get('tfds_data_dir') or None
+    val_split = data_cfg.get('sft_tfds_val_split', 'validation')
+    return {'train': corpus.tfds_records(name, data_cfg.get('tfds_split', 'train'), data_dir),
+            'validation': corpus.tfds_records(name, val_split, data_dir) if val_split else []}
   files = list(data_cfg.get('paths') or ())
   if not files:
-    raise ValueError("data.source='sft' needs data.sft_task or data.paths (JSONL files)")
+    raise ValueError("data.source='sft' needs data.sft_task, data.tfds_name or data.paths "
+                     '(JSONL files)')
   out = {'train': [x for f in files for x in read_jsonl(f)],
          'validation': [x for f in (data_cfg.get('sft_val_paths') or ()) for x in read_jsonl(f)]}
   return out

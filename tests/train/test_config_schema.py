@@ -102,7 +102,9 @@ def test_every_field_refuses_bad_values_naming_the_field(field, rule, base):
 
 def test_the_schema_covers_every_key_and_every_dataclass_field():
   base = get_base()
-  assert set(base.keys()) == set(cs.TOP_LEVEL)
+  assert set(base.keys()) == set(cs.TOP_LEVEL + cs.OPTIONAL)
+  from model.peft.methods import PeftConfig
+  assert set(cs.PEFT_RULES) == {f.name for f in dataclasses.fields(PeftConfig)}
   for path, rules in cs.SECTIONS.items():
     node = base
     for p in path.split('.'):
@@ -212,8 +214,9 @@ def _config_modules():
   files = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')) +
                  glob.glob(os.path.join(ROOT, 'configs', 'sweeps', '*.py')))
   mods = [os.path.relpath(f, ROOT)[:-3].replace(os.sep, '.') for f in files]
-  # finetune and sft take a source workdir (tested below).
-  return [m for m in mods if m.rsplit('.', 1)[1] not in ('__init__', 'base', 'finetune', 'sft')]
+  # finetune, sft and sft_lora take a source workdir (tested below).
+  return [m for m in mods if m.rsplit('.', 1)[1] not in ('__init__', 'base', 'finetune', 'sft',
+                                                          'sft_lora')]
 
 
 @pytest.mark.parametrize('module', _config_modules())
@@ -236,6 +239,9 @@ def test_base_and_finetune_pass(tmp_path):
   sft = importlib.import_module('configs.sft').get_config(str(tmp_path))
   cs.validate(sft)
   assert (sft.data.source, sft.train.objective) == ('sft', 'sft')
+  lora = importlib.import_module('configs.sft_lora').get_config(str(tmp_path))
+  cs.validate(lora)
+  assert (lora.peft.method, lora.train.objective) == ('lora', 'sft')
   assert ModelConfig.from_dict(cfg.model.to_dict()) == ModelConfig.from_dict(src.model.to_dict())
 
 

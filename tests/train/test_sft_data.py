@@ -135,3 +135,50 @@ def test_packed_and_unpacked_give_the_same_per_example_losses(trained_workdir, t
   assert a.keys() == b.keys() and len(a) > 10
   worst = max(abs(a[k] - b[k]) for k in a)
   assert worst <= 1e-6, worst
+
+
+def test_records_from_a_prepared_tfds_dataset(tmp_path, tok):
+  """data.tfds_name: prompt/completion text features and chat `messages` (a TFDS Sequence of
+  role/content dicts) become the same records as JSONL; nothing is downloaded."""
+  import ml_collections
+  import tensorflow_datasets as tfds
+
+  class PalmaxTestSft(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'prompt': tfds.features.Text(), 'completion': tfds.features.Text(),
+          'messages': tfds.features.Sequence({'role': tfds.features.Text(),
+                                              'content': tfds.features.Text()})}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(3), 'validation': self._generate_examples(1)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        yield i, {'prompt': f'def f{i}(x):\n', 'completion': f'    return x + {i}\n',
+                  'messages': [{'role': 'user', 'content': f'q{i}'},
+                               {'role': 'assistant', 'content': f'a{i}'}]}
+
+  data_dir = str(tmp_path / 'tfds')
+  PalmaxTestSft(data_dir=data_dir, file_format='array_record').download_and_prepare()
+  d = ml_collections.ConfigDict(dict(sft_task='', tfds_name='palmax_test_sft', tfds_split='train',
+                                     tfds_data_dir=data_dir, sft_tfds_val_split='validation',
+                                     paths=()))
+  records = sft_data.load_records(d)
+  assert [len(records[s]) for s in ('train', 'validation')] == [3, 1]
+  rec, where = sorted(records['train'], key=lambda x: x[0]['prompt'])[1]
+  assert where.startswith('palmax_test_sft/train[')
+  assert rec['messages'] == [{'role': 'user', 'content': 'q1'},
+                             {'role': 'assistant', 'content': 'a1'}]
+  # Both formats train: the messages record through the chat format, prompt/completion as is.
+  chat = PalmaxChat(tok)
+  with_messages = sft_data.record_segments(rec, tok, chat, where)
+  plain = sft_data.record_segments({'prompt': rec['prompt'], 'completion': rec['completion']},
+                                   tok, chat, where)
+  assert with_messages == chat.segments(rec['messages'])
+  assert tok.decode(plain[1][0]).startswith('    return x + 1')
+  d.sft_tfds_val_split = 'nope'
+  with pytest.raises(ValueError, match=r"palmax_test_sft.*split 'nope'"):
+    sft_data.load_records(d)
