@@ -12,12 +12,15 @@ def read(name: str):
   return nbformat.read(os.path.join(ROOT, 'colab', name), as_version=4)
 
 
-def assert_committed_clean(nb) -> None:
-  """Valid, and every code cell without outputs or an execution count (committed unrun)."""
+def assert_committed_clean(nb, compiles: bool = True) -> None:
+  """Valid, every code cell without outputs or an execution count (committed unrun) and, with
+  `compiles`, valid Python (notebooks with IPython magics check that themselves)."""
   nbformat.validate(nb)
   for cell in nb.cells:
     if cell.cell_type == 'code':
       assert cell.outputs == [] and cell.execution_count is None, cell.id
+      if compiles:
+        compile(cell.source, cell.id, 'exec')
 
 
 def stream_text(cell) -> str:
