@@ -3,8 +3,8 @@
 Sections: model (model/config.py ModelConfig fields), data (train/data.py), train (loop,
 optimizer, checkpoints), mesh (device mesh sizes and logical-axis rules), pipeline (stages and
 schedule), sample (launch/sample.py), serve (launch/serve.py: the engine's slots, pages, chunks),
-peft (model/peft/: LoRA, QLoRA, adapters, soft prompts). train/config_schema.py says what each
-value may be.
+peft (model/peft/: LoRA, QLoRA, adapters, soft prompts), align (train/align_config.py: reward
+model and DPO). train/config_schema.py says what each value may be.
 """
 import dataclasses
 
@@ -14,6 +14,7 @@ from model import sharding
 from model.config import ModelConfig, MoEConfig
 from model.inference.serve_config import ServeConfig
 from model.peft.methods import PeftConfig
+from train.align_config import AlignConfig
 
 
 def moe_section(**overrides) -> ml_collections.ConfigDict:
@@ -28,10 +29,10 @@ def get_base() -> ml_collections.ConfigDict:
   # Every ModelConfig field at its dataclass default (one source of truth). Dense: no `moe` key;
   # MoE configs add `cfg.model.moe = moe_section(...)`.
   cfg.model = ml_collections.ConfigDict(
-      {k: v for k, v in ModelConfig().to_dict().items() if k != 'moe'})
+      {k: v for k, v in dataclasses.asdict(ModelConfig()).items() if k != 'moe'})
 
   cfg.data = ml_collections.ConfigDict(dict(
-      source='stdlib',        # stdlib | text | jsonl | tfds | sft (train/sft_data.py)
+      source='stdlib',        # stdlib | text | jsonl | tfds | sft | preference
       paths=(),               # files or globs for text/jsonl: --config.data.paths='("a/*.txt",)'
       text_key='text',
       tfds_name='', tfds_split='train', tfds_data_dir='',
@@ -44,7 +45,10 @@ def get_base() -> ml_collections.ConfigDict:
       # (`sft_packing`), one longer than a row 'truncate'd or 'drop'ped (`sft_overflow`).
       sft_task='', sft_val_paths=(), sft_packing=True, sft_overflow='truncate',
       # With data.tfds_name: records from that prepared TFDS dataset's tfds_split and this one.
-      sft_tfds_val_split='validation'))
+      sft_tfds_val_split='validation',
+      # source='preference' (train/preference_data.py): pairs, rankings or scores from a
+      # bundled task (train/preference_tasks.py) or JSONL `paths` (+ `pref_val_paths`).
+      pref_task='', pref_val_paths=()))
   cfg.data.tokenizer = ml_collections.ConfigDict(dict(
       model_type='bpe', path='', train_bytes=8_000_000))
   # One source of truth: the tokenizer is trained to the model's vocabulary size.
@@ -111,4 +115,7 @@ def get_base() -> ml_collections.ConfigDict:
   # Houlsby bottlenecks after those weights; prompt_tokens: soft-prompt length. Checkpoints then
   # hold only what trains, plus the digest of train.init_from's base.
   cfg.peft = ml_collections.ConfigDict(dataclasses.asdict(PeftConfig()))
+  # Alignment objectives (reward, dpo): beta, the DPO variant, label smoothing, SimPO's margin,
+  # reward centring; train/align_config.py says what each means.
+  cfg.align = ml_collections.ConfigDict(dataclasses.asdict(AlignConfig()))
   return cfg

@@ -118,6 +118,7 @@ MODEL_RULES = {
     'dtype': choice(DTYPES), 'param_dtype': choice(DTYPES),
     # A mapping of MoEConfig fields (MOE_RULES) turned into a MoEConfig by from_dict; None = dense.
     'moe': Rule('section', none_ok=True, note='MoE settings; None = all dense'),
+    'heads': Rule('strs', note="scalar heads on the last hidden state, e.g. ('reward',)"),
 }
 
 
@@ -164,20 +165,34 @@ class ModelConfig:
   dtype: str = 'float32'         # Compute dtype; parameters stay float32.
   param_dtype: str = 'float32'
   moe: MoEConfig | None = None   # Sparse MoE FFN on the layers it selects; None = all dense.
+  heads: tuple[str, ...] = ()    # Scalar heads (model/heads.py): 'reward' (reward model), 'value' (PPO).
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'ModelConfig':
     d = dict(d)
     if isinstance(d.get('moe'), Mapping):
       d['moe'] = MoEConfig.from_dict(d['moe'])
+    if isinstance(d.get('heads'), (list, tuple, str)):
+      d['heads'] = (d['heads'],) if isinstance(d['heads'], str) else tuple(d['heads'])
     return validated_from_dict(cls, d, 'config.model')
 
   def to_dict(self) -> dict[str, Any]:
-    """Plain nested dict (JSON-able; `from_dict` inverts it)."""
-    return dataclasses.asdict(self)
+    """Plain nested dict (JSON-able; `from_dict` inverts it). A model without scalar heads has
+    no 'heads' key, so records written before heads existed still compare equal."""
+    d = dataclasses.asdict(self)
+    if not d['heads']:
+      del d['heads']
+    else:
+      d['heads'] = list(d['heads'])
+    return d
 
   def validate(self) -> None:
     check_fields(self, {k: r for k, r in MODEL_RULES.items() if k != 'moe'}, 'config.model')
+    from model.heads import HEADS
+    if (not isinstance(self.heads, tuple) or len(set(self.heads)) != len(self.heads)
+        or set(self.heads) - set(HEADS)):
+      raise ConfigError(f'config.model.heads={self.heads!r}: expected a tuple of distinct names '
+                        f'from {HEADS}')
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f'config.model.num_heads={self.num_heads} must be divisible by '
@@ -259,7 +274,7 @@ class ModelConfig:
   def param_count(self) -> int:
     """All parameters: embeddings, layers and the final norm."""
     layers = sum(self.layer_param_count(kind) for kind in self.ffn_kinds())
-    return self.embedding_param_count() + layers + self.d_model
+    return self.embedding_param_count() + layers + self.d_model * (1 + len(self.heads))
 
   def active_param_count(self) -> int:
     """Parameters one token uses: the MoE layers count top_k routed experts (+ shared + router)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from model import pipeline, sharding
+from model import heads, pipeline, sharding
 from model.attention import Attention
 from model.config import ModelConfig
 from model.inference.kv_cache import DecodeCache
@@ -104,6 +104,7 @@ class Decoder(nnx.Module):
         return Unit(cfg, unit, rngs)
       setattr(self, f'stack{j}', make_units(rngs))
     self.final_norm = RMSNorm(cfg, rngs)
+    heads.attach(self, cfg, rngs)   # Scalar heads (reward, value) when config.model.heads asks.
 
   def __call__(self, tokens_BT: jax.Array, cache: DecodeCache | None = None,
                index: jax.Array | int | None = None, *, segment_ids_BT: jax.Array | None = None,

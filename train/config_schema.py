@@ -18,11 +18,12 @@ from model.config import ModelConfig
 from model.config_rules import (BOOL, ConfigError, Rule, choice, closest_key, nonneg_int, number,
                                 positive_int)
 from train import corpus, objectives, tokenizer
+from train.align_config import DPO_LOSSES
 
 SEED = nonneg_int()
 
 DATA_RULES = {
-    'source': choice(corpus.SOURCES + ('sft',)),
+    'source': choice(corpus.SOURCES + ('sft', 'preference')),
     'paths': Rule('strs', note='files or globs, for source text or jsonl'),
     'text_key': Rule('str', lo=1),
     'tfds_name': Rule('str', note='required for source tfds'),
@@ -38,6 +39,9 @@ DATA_RULES = {
     'sft_packing': BOOL,
     'sft_overflow': choice(('truncate', 'drop')),
     'sft_tfds_val_split': Rule('str', note="a split of data.tfds_name, '' = none"),
+    'pref_task': Rule('str', note="a bundled preference task (train/preference_tasks.py), '' = "
+                      'data.paths'),
+    'pref_val_paths': Rule('strs', note='JSONL validation records for source preference'),
     'tokenizer': Rule('section'),
 }
 TOKENIZER_RULES = {
@@ -115,6 +119,11 @@ SERVE_RULES = {
     'max_top_logprobs': nonneg_int(), 'max_n': positive_int(),
 }
 
+ALIGN_RULES = {   # train/align_config.py says what each means.
+    'beta': number(gt=0), 'dpo_loss': choice(DPO_LOSSES),
+    'label_smoothing': number(ge=0, lt=0.5), 'simpo_gamma': number(ge=0),
+    'reward_center': number(ge=0, note='0 = off'),
+}
 PEFT_RULES = {
     'method': Rule('str', note="'' (full fine-tuning), lora, adapter or prompt"),
     'quant': Rule('str', note="'', int8, int4 or nf4"),
@@ -131,11 +140,11 @@ PEFT_RULES = {
 SECTIONS = {
     'data': DATA_RULES, 'data.tokenizer': TOKENIZER_RULES, 'train': TRAIN_RULES,
     'mesh': MESH_RULES, 'mesh.dcn': DCN_RULES, 'pipeline': PIPELINE_RULES, 'sample': SAMPLE_RULES,
-    'serve': SERVE_RULES, 'peft': PEFT_RULES,
+    'serve': SERVE_RULES, 'peft': PEFT_RULES, 'align': ALIGN_RULES,
 }
 TOP_LEVEL = ('model', 'data', 'train', 'mesh', 'pipeline', 'sample', 'serve')
 # Sections added later: checked when present (configs saved before them lack them).
-OPTIONAL = ('peft',)
+OPTIONAL = ('peft', 'align')
 # Top-level sections other modules validate: tolerated here, not checked.
 OTHER_SECTIONS = {'sweep': 'train/scaling/plan.py'}
 # train/tokenizer.py:train_tokenizer's floor: 256 byte pieces, specials and whitespace symbols.
@@ -230,11 +239,14 @@ def _check_mesh_rules(rules: Any) -> None:
 def _cross_checks(cfg: Any, model_cfg: ModelConfig) -> None:
   """Consistency between fields that needs no device mesh."""
   t, data, mesh, sample = (cfg[k] for k in ('train', 'data', 'mesh', 'sample'))
-  objectives.get(t['objective'])   # One line naming the registered ones if unknown.
-  if (data['source'] == 'sft') != (t['objective'] == 'sft'):
+  objective = objectives.get(t['objective'])   # One line naming the registered ones if unknown.
+  records = data['source'] if data['source'] in ('sft', 'preference') else ''
+  if objective.data_source != records:
+    need = {'': 'a text corpus (stdlib, text, jsonl, tfds)', 'sft': "data.source='sft'",
+            'preference': "data.source='preference'"}
     raise ConfigError(f"config.data.source={data['source']!r} with config.train.objective="
-                      f"{t['objective']!r}: SFT records train with the 'sft' objective (loss on "
-                      "completion tokens only) and it needs data.source='sft'")
+                      f"{t['objective']!r}: the objective needs {need[objective.data_source]}")
+  _check_align(cfg, model_cfg, objective)
   if 'peft' in _keys(cfg):
     _check_peft(cfg)
   if t.get('eval_tasks'):
@@ -279,6 +291,28 @@ def _cross_checks(cfg: Any, model_cfg: ModelConfig) -> None:
   if sample['top_k'] > model_cfg.vocab_size:
     raise ConfigError(f'config.sample.top_k={sample["top_k"]} exceeds '
                       f'config.model.vocab_size={model_cfg.vocab_size}')
+
+
+def _check_align(cfg: Any, model_cfg: ModelConfig, objective) -> None:
+  """What the alignment objectives need: a reward head, a reference model."""
+  from train.align_config import AlignConfig
+  name, t = cfg['train']['objective'], cfg['train']
+  if name == 'reward' and 'reward' not in model_cfg.heads:
+    raise ConfigError("config.train.objective='reward' needs config.model.heads to include "
+                      "'reward' (the scalar head, model/heads.py); configs/reward.py sets it")
+  align = cfg['align'] if 'align' in _keys(cfg) else None
+  if not objective.wants_reference(AlignConfig.from_config({'align': align} if align else None)):
+    return
+  method = cfg['peft']['method'] if 'peft' in _keys(cfg) else ''
+  if not t['init_from']:
+    raise ConfigError(f"config.train.objective={name!r} needs config.train.init_from: the model "
+                      'it starts from is also its frozen reference')
+  if method == 'prompt':
+    raise ConfigError(f"config.train.objective={name!r} cannot use config.peft.method='prompt': "
+                      'its reference (the base without the soft prompt) reads other inputs')
+  if cfg['pipeline'].get('stages'):
+    raise ConfigError(f'config.train.objective={name!r} needs an unpipelined model '
+                      '(config.pipeline.stages=0)')
 
 
 def _check_peft(cfg: Any) -> None:

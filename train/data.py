@@ -77,10 +77,12 @@ class Batches:
 
   def __init__(self, tokens: np.ndarray, seq_len: int, global_batch_size: int, seed: int = 0,
                process_index: int = 0, process_count: int = 1, name: str = 'training data',
-               extras: dict[str, np.ndarray] | None = None):
+               extras: dict[str, np.ndarray] | None = None, make_fields=None):
     """`extras` (SFT's packed rows): streams aligned with `tokens` — 'loss' (the weight of
     predicting each token), 'segment_ids' and 'positions' (of each token as an input); then a
-    batch is the dict of objective fields instead of the bare windows."""
+    batch is the dict of objective fields instead of the bare windows, made by
+    `make_fields(tokens_BW, extras_BW)` (default `rows_fields`; preference units:
+    train/preference_data.py)."""
     if seq_len < 1:
       raise ValueError(f'data.seq_len must be >= 1, got {seq_len}')
     self._rows = _shard_rows(global_batch_size, process_index, process_count, 'global_batch_size')
@@ -91,6 +93,7 @@ class Batches:
                        f'seq_len + 1 = {self.window} tokens; add data or lower data.seq_len')
     self._tokens_N = tokens
     self._extras = extras
+    self._make_fields = make_fields or rows_fields
     self.seq_len = seq_len
     self.global_batch_size = global_batch_size
     self.seed = seed
@@ -131,7 +134,7 @@ class Batches:
     tokens_BW = np.asarray(self._tokens_N[offsets_BW], dtype=np.int32)
     if self._extras is None:
       return tokens_BW
-    return rows_fields(tokens_BW, {k: v[offsets_BW] for k, v in self._extras.items()})
+    return self._make_fields(tokens_BW, {k: v[offsets_BW] for k, v in self._extras.items()})
 
   def state(self) -> dict[str, int]:
     """JSON-serialisable position: the next example is permutation(seed, epoch)[index]."""

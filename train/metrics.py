@@ -129,8 +129,26 @@ def format_duration(seconds: float) -> str:
   return f'{h}:{m:02d}:{s:02d}' if h else f'{m:02d}:{s:02d}'
 
 
+# Objective metrics worth a place on the progress line (preference and reward objectives).
+_SHOWN = (('rewards/accuracies', 'acc'), ('accuracy', 'acc'), ('rewards/margins', 'margin'),
+          ('kl', 'kl'))
+
+
 def progress_line(step: int, total: int, m: dict, eta_s: float) -> str:
   balance = [v for k, v in m.items() if k.startswith('moe_load_max_over_min/')]
   moe = (f'  aux {m["moe_aux_loss"]:.4f}  load max/min {max(balance):.2f}' if balance else '')
-  return (f'step {step:>6}/{total}  loss {m["loss"]:.4f}  lr {m["lr"]:.2e}  '
+  extra = ''.join(f'  {short} {m[k]:.3f}' for k, short in _SHOWN if k in m)
+  return (f'step {step:>6}/{total}  loss {m["loss"]:.4f}{extra}  lr {m["lr"]:.2e}  '
           f'{m["tokens_per_s"]:,.0f} tok/s  MFU {100 * m["mfu"]:.1f}%{moe}  ETA {format_duration(eta_s)}')
+
+
+def eval_line(e: dict) -> str:
+  """'loss 2.1234  ppl 8.37  bits/byte 1.2345' (no ppl or bits/byte where they mean nothing:
+  preference data), then the objective's other eval metrics."""
+  out = f'loss {e["eval_loss"]:.4f}'
+  if math.isfinite(e.get('eval_bits_per_byte', float('nan'))):
+    out += f'  ppl {e["eval_perplexity"]:.2f}  bits/byte {e["eval_bits_per_byte"]:.4f}'
+  for k, v in e.items():
+    if k not in ('eval_loss', 'eval_perplexity', 'eval_bits_per_byte'):
+      out += f'  {k[len("eval_"):]} {v:.4f}'
+  return out

@@ -19,6 +19,7 @@ from model.config import ConfigError, ModelConfig
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
 from train import objectives, optim, paths, peft_run, resume, state as state_lib
+from train import reference as reference_lib
 from train import step as step_lib
 
 
@@ -57,6 +58,7 @@ class Run:
   batch_sharding: NamedSharding
   resumed: bool
   peft_base: dict | None = None   # An adapter-only run's base: {'workdir', 'step', 'digest'}.
+  reference: dict | None = None   # A full-weight reference's {'workdir', 'step', 'digest'}.
 
   @property
   def step(self) -> int:
@@ -91,6 +93,8 @@ class Run:
       out[peft_run.RECORD_KEY] = dataclasses.asdict(peft)
     if self.peft_base is not None:
       out[peft_run.BASE_KEY] = self.peft_base
+    if self.reference is not None:
+      out[reference_lib.RECORD_KEY] = self.reference
     return out
 
   def saved(self, state: dict) -> dict:
@@ -136,6 +140,8 @@ def build(cfg, workdir: str, log=print) -> Run:
                                    verify=t.verify_checkpoints, log=log)
       where = f'checkpoint step {int(state["step"])} in {ckpt.directory}'
       resume.check_same_data(cfg, record, where)
+      if record.get(reference_lib.RECORD_KEY):   # Its reference must still be the same.
+        reference_lib.check(record[reference_lib.RECORD_KEY], where)
       if adapter_only:
         peft_base = peft_run.check_base(record, where)
         full, _ = peft_run.base_params(peft_base['workdir'], peft_base['step'], model_cfg, peft,
@@ -146,6 +152,8 @@ def build(cfg, workdir: str, log=print) -> Run:
     build = data_lib.build_data
     if cfg.data.source == 'sft':   # Demonstration records, packed with their loss masks.
       from train.sft_data import build_sft_data as build
+    elif cfg.data.source == 'preference':   # Pairs, rankings, scores (reward model, DPO).
+      from train.preference_data import build_preference_data as build
     data = build(cfg, workdir, *sharding.process_rows(batch_sh, t.batch_size), resume=record,
                  resume_from=where)
     if data.tokenizer.vocab_size > model_cfg.vocab_size:
@@ -158,6 +166,7 @@ def build(cfg, workdir: str, log=print) -> Run:
   quiet = record is not None and int(jax.device_get(state['step'])) >= t.steps
   total = resume.schedule_steps(cfg, record, (lambda *_: None) if quiet else log)
   tx, schedule = optim.make_optimizer(t, total, model_cfg)
+  src_step = None
   if record is not None:
     data.train.restore(record['data'])
   else:
@@ -168,22 +177,32 @@ def build(cfg, workdir: str, log=print) -> Run:
       log(f'Initialised the frozen base from {t.init_from} (its step {peft_base["step"]}); '
           f'{peft.method} trains {peft_run.describe(spec, model_cfg, peft)}')
     elif t.get('init_from'):  # Continued pretraining / fine-tuning: its weights, a fresh optimizer.
-      from train import checkpoint_stream
-      state['params'], src_step = checkpoint_stream.init_params(
-          t.init_from, model_cfg, spec.abstract_state['params'])
+      state['params'], src_step = reference_lib.init_params(
+          t.init_from, model_cfg, spec.abstract_state['params'], state['params'])
       log(f'Initialised parameters from {t.init_from} (its step {src_step}); optimizer and step '
           'start fresh')
+  # A full-weight run against a frozen reference (DPO, RL) holds a second copy of the base.
+  ref_params, ref_entry = None, None
+  if objective.needs_reference and not peft.method:
+    ref_entry = (record or {}).get(reference_lib.RECORD_KEY) or reference_lib.entry(
+        t.init_from, src_step)
+    ref_params = reference_lib.load(ref_entry, spec.abstract_state['params'],
+                                    where or f'config.train.init_from={t.init_from!r}',
+                                    fill=state['params'])
 
   replicated = NamedSharding(mesh, P())
   fields_sh = {k: batch_sh for k in objective.batch_fields()}
+  ref_sh = None if ref_params is None else spec.param_shardings
   train_step = jax.jit(
       step_lib.make_train_step(spec.graphdef, tx, schedule, grad_accum=t.grad_accum,
                                objective=objective, trainable_mask=spec.trainable_mask),
-      in_shardings=(spec.state_shardings, fields_sh),
+      in_shardings=(spec.state_shardings, fields_sh, ref_sh),
       out_shardings=(spec.state_shardings, replicated), donate_argnums=0)
   eval_step = jax.jit(step_lib.make_eval_step(spec.graphdef, objective),
-                      in_shardings=(spec.param_shardings, dict(fields_sh, loss_mask=batch_sh)),
+                      in_shardings=(spec.param_shardings, dict(fields_sh, loss_mask=batch_sh),
+                                    None, ref_sh),
                       out_shardings=replicated)
   return Run(cfg, workdir, model_cfg, mesh, rules, pipe, objective, spec, ckpt, data, state, total,
-             train_step, eval_step, batch_sh, record is not None,
-             peft_base if adapter_only else None)
+             lambda state, batch: train_step(state, batch, ref_params),
+             lambda params, batch: eval_step(params, batch, None, ref_params),
+             batch_sh, record is not None, peft_base if adapter_only else None, ref_entry)

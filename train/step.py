@@ -19,16 +19,23 @@ from train.objectives.lm import NextToken
 
 
 def make_objective_loss(graphdef, objective) -> Callable:
-  """loss_fn(params, batch) -> (total, aux) for an objective (train/objectives/). The total adds
-  the MoE layers' balance and router z-losses (already scaled by their coefficients) of every
-  forward the objective runs; aux holds the objective's metrics and, under 'moe', the first
-  forward's per-layer MoE stats in the layer structure (for the router-bias update)."""
-  def loss_fn(params, batch, rng=None):
+  """loss_fn(params, batch, rng=None, ref_params=None) -> (total, aux) for an objective
+  (train/objectives/). The total adds the MoE layers' balance and router z-losses (already
+  scaled by their coefficients) of every forward the objective runs; aux holds the objective's
+  metrics and, under 'moe', the first forward's per-layer MoE stats in the layer structure (for
+  the router-bias update). `ref_params` (same structure as params) is the frozen reference of
+  objectives that need one; without it the reference is the model with its PEFT adapters
+  switched off (model/peft/lora.py:disabled)."""
+  def loss_fn(params, batch, rng=None, ref_params=None):
     model = nnx.merge(graphdef, params)
     if rng is not None:   # Training-time randomness (LoRA dropout); evaluation passes none.
       from model.peft import lora
       lora.set_dropout_keys(model, rng)
-    forward = ModelForward(model)
+    reference = None
+    if getattr(objective, 'needs_reference', False):
+      reference = ReferenceForward(
+          model if ref_params is None else nnx.merge(graphdef, ref_params), ref_params is None)
+    forward = ModelForward(model, reference)
     total, aux = objective.loss(forward, batch)
     moe_auxes = forward.moe_auxes
     for moe_aux in moe_auxes:
@@ -38,20 +45,48 @@ def make_objective_loss(graphdef, objective) -> Callable:
   return loss_fn
 
 
+class ReferenceForward:
+  """The frozen reference's logits, `(tokens_BT, **kw) -> logits_BTV` with no gradient: a
+  separate model, or (`adapters_off`) the policy's own weights with PEFT switched off."""
+
+  def __init__(self, model, adapters_off: bool):
+    self.model, self.adapters_off = model, adapters_off
+
+  def __call__(self, tokens_BT, **kw):
+    from model.peft import lora
+    import contextlib
+    with lora.disabled() if self.adapters_off else contextlib.nullcontext():
+      logits_BTV, _, _ = self.model.forward(tokens_BT, **kw)
+    return jax.lax.stop_gradient(logits_BTV)
+
+
 class ModelForward:
   """What objectives call (train/objectives/base.py): `forward(tokens_BT, **kw) -> logits_BTV`,
   or `forward.cross_entropy(tokens_BT, targets_BT, weights_BT, z_loss, **kw)`, the model's
   forward fused with next-token cross-entropy (train/loss.py: no [B, T, V] logits, gradients
-  computed in the forward pass). Collects every call's MoE stats in `moe_auxes`."""
+  computed in the forward pass); `hidden` and `score` for scalar heads (model/heads.py);
+  `reference` for objectives that need one. Collects every call's MoE stats in `moe_auxes`."""
 
-  def __init__(self, model):
+  def __init__(self, model, reference=None):
     self.model = model
+    self.reference = reference
     self.moe_auxes = []
 
   def __call__(self, tokens_BT, **kw):
     logits_BTV, _, moe_aux = self.model.forward(tokens_BT, **kw)
     self.moe_auxes.append(moe_aux)
     return logits_BTV
+
+  def hidden(self, tokens_BT, **kw):
+    """x_BTD: the final-normed hidden states."""
+    x_BTD, _, moe_aux = self.model.forward(tokens_BT, hidden=True, **kw)
+    self.moe_auxes.append(moe_aux)
+    return x_BTD
+
+  def score(self, x_BTD, name: str):
+    """s_BT (float32): scalar head `name` at every position."""
+    from model import heads
+    return heads.score(self.model, x_BTD, name)
 
   def cross_entropy(self, tokens_BT, targets_BT, weights_BT=None, z_loss: float = 0.0, *,
                     chunk_tokens: int = 2048, **kw):
@@ -102,9 +137,10 @@ def moe_metrics(moe_aux: dict, cfg) -> dict[str, jax.Array]:
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                     grad_accum: int = 1, z_loss: float = 0.0, objective=None,
                     trainable_mask=None) -> Callable:
-  """step(state, batch) -> (state, metrics). `batch` is a dict of the objective's fields (or
-  bare tokens [B, T+1] for next-token pretraining); `objective` defaults to next-token
-  prediction with `z_loss`.
+  """step(state, batch, ref_params=None) -> (state, metrics). `batch` is a dict of the
+  objective's fields (or bare tokens [B, T+1] for next-token pretraining); `objective` defaults
+  to next-token prediction with `z_loss`; `ref_params` is the frozen reference of an objective
+  that needs one (make_objective_loss).
 
   Gradients are averaged over `grad_accum` microbatches with a scan (one compiled step). With
   `trainable_mask` (train/trainable.py) only the selected parameters get gradients and
@@ -114,12 +150,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
   """
   loss_fn = make_objective_loss(graphdef, objective or NextToken(z_loss=z_loss))
 
-  def loss_of_trainable(train_params, frozen_params, micro, rng):
-    return loss_fn(trainable.merge(train_params, frozen_params), micro, rng)
+  def loss_of_trainable(train_params, frozen_params, micro, rng, ref_params):
+    return loss_fn(trainable.merge(train_params, frozen_params), micro, rng, ref_params)
 
   grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
 
-  def step(state, batch):
+  def step(state, batch, ref_params=None):
     if not isinstance(batch, dict):
       batch = {'tokens': batch}
     params = state['params']
@@ -129,15 +165,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     b = batch['tokens'].shape[0]
     rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
     if grad_accum == 1:  # No accumulation scan: it costs copies of its carry on one device.
-      (_, aux), grads = grad_fn(train_params, frozen_params, batch, rng)
+      (_, aux), grads = grad_fn(train_params, frozen_params, batch, rng, ref_params)
     else:
       micro = jax.tree.map(lambda x: x.reshape(grad_accum, b // grad_accum, *x.shape[1:]), batch)
       # The aux structure (objective metrics, MoE stats), to accumulate over microbatches.
-      aux_shape = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], micro))[1]
+      aux_shape = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], micro), None,
+                                 ref_params)[1]
 
       def accumulate(carry, one):
         one, i = one
-        (_, aux), g = grad_fn(train_params, frozen_params, one, jax.random.fold_in(rng, i))
+        (_, aux), g = grad_fn(train_params, frozen_params, one, jax.random.fold_in(rng, i),
+                              ref_params)
         return jax.tree.map(jnp.add, carry, (g, aux)), None
 
       zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (train_params, aux_shape))
@@ -172,13 +210,19 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
 
 
 def make_eval_step(graphdef, objective=None) -> Callable:
-  """eval(params, batch) -> the objective's eval sums ({'loss_sum', 'weight', ...}); a batch of
-  bare tokens [B, T+1] with `weights_BT` is next-token prediction's (the old signature)."""
+  """eval(params, batch, weights_BT=None, ref_params=None) -> the objective's eval sums
+  ({'loss_sum', 'weight', ...}); a batch of bare tokens [B, T+1] with `weights_BT` is
+  next-token prediction's (the old signature)."""
   objective = objective or NextToken()
 
-  def eval_step(params, batch, weights_BT=None):
+  def eval_step(params, batch, weights_BT=None, ref_params=None):
     if not isinstance(batch, dict):
       batch = {'tokens': batch, 'loss_mask': weights_BT}
-    return objective.eval_sums(ModelForward(nnx.merge(graphdef, params)), batch)
+    model = nnx.merge(graphdef, params)
+    reference = None
+    if getattr(objective, 'needs_reference', False):
+      reference = ReferenceForward(
+          model if ref_params is None else nnx.merge(graphdef, ref_params), ref_params is None)
+    return objective.eval_sums(ModelForward(model, reference), batch)
 
   return eval_step

@@ -113,14 +113,19 @@ def loop(run: run_lib.Run, log=print, stop_after: int | None = None) -> RunResul
   writer = metrics_lib.MetricsWriter(run.workdir, tensorboard=t.tensorboard)
 
   def evaluate(params) -> dict:
-    loss_sum, weight_sum = 0.0, 0.0
+    totals: dict[str, float] = {}
     for tokens, weights in data.val:  # Already capped at config.train.eval_batches.
-      sums = run.eval_step(params, run.batch(tokens, weights))
-      loss_sum += float(sums['loss_sum'])
-      weight_sum += float(sums['weight'])
-    loss = loss_sum / max(weight_sum, 1.0)
-    return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0)),
-            'eval_bits_per_byte': loss / math.log(2) / data.val_bytes_per_token}
+      for k, v in jax.device_get(run.eval_step(params, run.batch(tokens, weights))).items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    weight = max(totals.get('weight', 0.0), 1.0)
+    loss = totals.get('loss_sum', 0.0) / weight
+    out = {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0)),
+           'eval_bits_per_byte': loss / math.log(2) / data.val_bytes_per_token}
+    for k in totals:   # An objective's other sums (train/objectives/base.py:eval_sums).
+      if k.endswith('_sum') and k != 'loss_sum':
+        name = k[:-len('_sum')]
+        out[f'eval_{name}'] = totals[k] / max(totals.get(f'{name}_count', weight), 1e-9)
+    return out
 
   tasks = None
   if t.get('eval_tasks'):   # Task evaluation beside the loss (train/evaluation/).
@@ -175,8 +180,7 @@ def loop(run: run_lib.Run, log=print, stop_after: int | None = None) -> RunResul
           last_eval = evaluate(state['params'])
           writer.write(step, last_eval)
           history.append(dict(last_eval, step=step))
-          log(f'eval @ {step}: loss {last_eval["eval_loss"]:.4f}  ppl {last_eval["eval_perplexity"]:.2f}'
-              f'  bits/byte {last_eval["eval_bits_per_byte"]:.4f}')
+          log(f'eval @ {step}: ' + metrics_lib.eval_line(last_eval))
           if tasks is not None:
             scores = tasks(state['params'], step, log=lambda line: log(f'eval @ {step}: {line}'))
             writer.write(step, scores)

@@ -57,6 +57,8 @@ class AdapterLinear(nnx.Module):
 
   def apply(self, x: jax.Array, dtype) -> jax.Array:
     h = self.base.apply(x, dtype)
+    if lora_lib.is_disabled():   # The reference model (lora.disabled()).
+      return h
     z = jnp.einsum(self.eq_down, h.astype(jnp.float32), self.adapter_down[...].astype(jnp.float32))
     z = jax.nn.gelu(z)
     return (h.astype(jnp.float32) +

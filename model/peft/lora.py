@@ -20,6 +20,7 @@ parameter tree holds `.../attn/w_q/{base,lora_a,lora_b}`; A and B are `LoraParam
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -34,6 +35,25 @@ from flax import nnx
 from model.layers import Linear
 
 _MODULES = ('attn', 'mlp')   # Block children holding Linear weights (the MoE FFN has none).
+
+
+_DISABLED = [False]
+
+
+@contextlib.contextmanager
+def disabled():
+  """Within it, forwards traced skip every LoRA update and adapter (model/peft/adapter.py): the
+  frozen base's outputs, i.e. DPO's and RL's reference model without a second copy of the
+  weights (PEFT's `disable_adapter()`). A trace-time switch: it changes the program traced."""
+  old, _DISABLED[0] = _DISABLED[0], True
+  try:
+    yield
+  finally:
+    _DISABLED[0] = old
+
+
+def is_disabled() -> bool:
+  return _DISABLED[0]
 
 
 class LoraParam(nnx.Param):
@@ -171,6 +191,8 @@ class LoraLinear(nnx.Module):
     dropout > 0 and a key (`rng`, or the `dropout_key` a training forward set) the adapter's
     input is dropped (inverted dropout); without one (evaluation, serving) it is not."""
     y = self.base.apply(x, dtype)
+    if _DISABLED[0]:
+      return y
     key = getattr(self, 'dropout_key', None)
     if rng is None and key is not None:
       rng = jax.random.wrap_key_data(key[...])

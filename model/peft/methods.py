@@ -163,7 +163,8 @@ def trainable_pattern(p: PeftConfig | None, pattern: str = '') -> str:
   """`config.train.trainable` when set, else what the PEFT method trains ('' = everything)."""
   if pattern or p is None or not p.method:
     return pattern
-  return METHODS[p.method].trainable
+  # Scalar heads (model/heads.py: a LoRA reward model) are new weights: they train too.
+  return f'{METHODS[p.method].trainable}|^[a-z]+_head$'
 
 
 def merge_peft(model, p: PeftConfig) -> list[str]:

@@ -1,4 +1,5 @@
-"""SIGKILL at 10 random points of a training run, resuming after each: nothing is lost or corrupted.
+"""SIGKILL at 10 points of a training run (every failpoint kind, and random times), resuming
+after each: nothing is lost or corrupted.
 
 Kills come from `train/failpoints.py` (tokenizer training and its files, the token cache, after a
 training step, right after an asynchronous checkpoint save has started) and from timers (anywhere,
@@ -21,7 +22,7 @@ from tests.conftest import config_file
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, EVERY = 12, 2
-KILLS = 10   # Each kill relaunches (imports, compiles): 10 keep the suite within its budget.
+KILLS = 10   # len(_schedule()): each kill relaunches (imports, compiles), so few and chosen.
 
 
 def _launch(cfg, workdir, failpoint=''):
@@ -50,15 +51,19 @@ def _params(workdir):
   return workdir_lib.load_model(workdir)[3]
 
 
-def _pick(rng, workdir, kills_so_far):
-  """A kill point valid for what the workdir holds now: the data phase while it is being built,
-  then training steps, checkpoint saves and timers."""
-  if not os.path.exists(os.path.join(workdir, 'tokenizer.json')) and kills_so_far < 3:
-    return rng.choice(['tokenizer.train:1', 'tokenizer.write:1'])
-  if not os.path.exists(os.path.join(workdir, 'tokens.json')) and kills_so_far < 5:
-    return rng.choice(['tokens.write:1', 'tokens.write:2'])
-  return rng.choice(['step:1', 'step:2', 'step:3', 'checkpoint.save:1', 'checkpoint.save:2',
-                     f'timer:{rng.uniform(1.0, 8.0):.2f}'])
+def _schedule(rng) -> list[str]:
+  """The kill points in order: each failpoint kind at least once (a random pick could miss
+  one), then timers (anywhere, compilation included) mixed with more of them."""
+  late = ['step:2', 'checkpoint.save:1', 'timer', 'step:3', 'checkpoint.save:2', 'timer',
+          'step:1']
+  return ['tokenizer.train:1', 'tokenizer.write:1', 'tokens.write:1'] + [
+      f'timer:{rng.uniform(1.0, 8.0):.2f}' if p == 'timer' else p for p in late]
+
+
+def _applies(point, workdir) -> bool:
+  """A data-phase point applies only while its file is still to be written."""
+  done = {'tokenizer': 'tokenizer.json', 'tokens': 'tokens.json'}.get(point.split('.')[0])
+  return done is None or not os.path.exists(os.path.join(workdir, done))
 
 
 def test_sigkill_anywhere_loses_at_most_one_interval_and_resumes_exactly(tmp_path):
@@ -71,10 +76,10 @@ def test_sigkill_anywhere_loses_at_most_one_interval_and_resumes_exactly(tmp_pat
   assert p.returncode == 0, out[-3000:]
 
   workdir = str(tmp_path / 'killed')
-  rng = random.Random(0)
   kills, history = 0, []
-  while kills < KILLS:
-    point = _pick(rng, workdir, kills)
+  for point in _schedule(random.Random(0)):
+    if not _applies(point, workdir):
+      continue
     if point.startswith('timer:'):
       p = _launch(cfg, workdir)
       try:

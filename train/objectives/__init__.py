@@ -7,5 +7,7 @@ a reward model) is one new module here that calls `register`, plus its import be
 from train.objectives.base import OBJECTIVES, Objective, get, register
 from train.objectives import lm  # noqa: E402  (registers 'lm')
 from train.objectives import sft  # noqa: E402  (registers 'sft')
+from train.objectives import reward  # noqa: E402  (registers 'reward')
+from train.objectives import dpo  # noqa: E402  (registers 'dpo')
 
-__all__ = ['OBJECTIVES', 'Objective', 'get', 'register', 'lm', 'sft']
+__all__ = ['OBJECTIVES', 'Objective', 'get', 'register', 'lm', 'sft', 'reward', 'dpo']

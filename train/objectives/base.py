@@ -5,7 +5,8 @@
     sums = objective.eval_sums(forward, batch)          # {'loss_sum', 'weight', ...}
 
 `forward(tokens_BT, segment_ids_BT=None, positions_BT=None) -> logits_BTV` is the model's full
-forward, and `forward.cross_entropy(tokens_BT, targets_BT, weights_BT, z_loss, **kw)` the same
+forward (`forward.hidden` the same up to the final norm, x_BTD; `forward.score(x_BTD, name)` a
+scalar head's s_BT; `forward.reference` the frozen reference's logits, without gradient), and `forward.cross_entropy(tokens_BT, targets_BT, weights_BT, z_loss, **kw)` the same
 forward fused with next-token cross-entropy (train/loss.py; the fast path for anything that is a
 weighted next-token loss: no [B, T, V] logits); the train step wraps it so that the MoE balance and router z-losses of every call are
 added to the objective's loss (every objective gets them without asking). A batch is a dict of
@@ -46,12 +47,20 @@ def get(name: str) -> type['Objective']:
 
 class Objective:
   """Base class: subclasses set `fields` and implement `loss` (and `eval_sums` if their eval
-  differs from a weighted mean of the loss)."""
+  differs from a weighted mean of the loss). One that compares the policy with a frozen
+  reference (DPO, RL) says so with `needs_reference`; `forward.reference` is then that model."""
   name = ''
   fields: tuple[str, ...] = ('tokens',)
+  needs_reference = False
+  data_source = ''   # The data it trains on: '' a text corpus, 'sft' or 'preference' records.
 
   def __init__(self, cfg: Any):
     self.cfg = cfg
+
+  @classmethod
+  def wants_reference(cls, align) -> bool:
+    """Whether a run with `config.align` (train/align_config.py) needs a reference model."""
+    return cls.needs_reference
 
   def batch_fields(self) -> tuple[str, ...]:
     """The fields this run's batches must carry (may depend on the config)."""
@@ -63,7 +72,8 @@ class Objective:
 
   def eval_sums(self, forward: Forward, batch: dict) -> dict:
     """Sums over the batch that the trainer adds up over eval batches: 'loss_sum' and 'weight'
-    give the eval loss as loss_sum / weight."""
+    give the eval loss as loss_sum / weight; any other 'X_sum' is reported as eval_X, divided
+    by 'X_count' when given, else by 'weight'."""
     loss, metrics = self.loss(forward, batch)
     weight = metrics.get('weight', 1.0)
     return {'loss_sum': metrics.get('loss', loss) * weight, 'weight': weight}

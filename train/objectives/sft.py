@@ -11,6 +11,7 @@ from train.objectives.lm import NextToken
 @register('sft')
 class SupervisedFineTuning(NextToken):
   fields = ('tokens', 'loss_mask', 'segment_ids', 'positions')
+  data_source = 'sft'
 
   def __init__(self, cfg=None, *, z_loss: float | None = None):
     super().__init__(cfg, z_loss=z_loss)
