@@ -280,7 +280,7 @@ class ModelConfig:
     """Parameters one token uses: the MoE layers count top_k routed experts (+ shared + router)
     instead of all of them (Mixtral 8x7B: 12.9B of 46.7B). Equals `param_count` when dense."""
     layers = sum(self.layer_param_count(kind, active=True) for kind in self.ffn_kinds())
-    return self.embedding_param_count() + layers + self.d_model
+    return self.embedding_param_count() + layers + self.d_model * (1 + len(self.heads))
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token, PaLM (Chowdhery et al. 2022, App. B): 6N + 12·L·H·Q·T.

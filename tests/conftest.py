@@ -166,3 +166,32 @@ def sft_files(tmp_path_factory):
     (d / name).write_text(''.join(json.dumps(r) + '\n' for r in recs))
     paths.append(str(d / name))
   return paths
+
+
+def preference_records(n, offset=0):
+  """Preference records in each format: pairs (string prompts, and chats), 3-way rankings. The
+  chosen answer is always well-formed code, the rejected one broken, so the preference is
+  learnable from the responses alone."""
+  out = []
+  for i in range(offset, offset + n):
+    good, bad = f'    return x + {i % 7}\n', f'    retur x +{i % 7}(\n'
+    if i % 4 == 0:
+      out.append({'prompt': [{'role': 'user', 'content': f'Add {i % 7} to x.'}],
+                  'chosen': good, 'rejected': bad})
+    elif i % 4 == 1:
+      out.append({'prompt': f'def f{i}(x):\n', 'ranking': [good, f'    x + {i % 7}\n', bad]})
+    else:
+      out.append({'prompt': f'def f{i}(x):\n', 'chosen': good, 'rejected': bad})
+  return out
+
+
+@pytest.fixture(scope='session')
+def preference_files(tmp_path_factory):
+  """(train.jsonl, val.jsonl) of `preference_records`: 48 and 16 records."""
+  d = tmp_path_factory.mktemp('prefs')
+  paths = []
+  for name, recs in (('train.jsonl', preference_records(48)),
+                     ('val.jsonl', preference_records(16, offset=500))):
+    (d / name).write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    paths.append(str(d / name))
+  return paths

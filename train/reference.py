@@ -52,16 +52,20 @@ def check(entry: dict, where: str) -> None:
         'reference weights')
 
 
-def load(entry: dict, abstract_params: dict, where: str, fill: dict | None = None) -> Any:
-  """The reference parameters a record's entry names, after `check`ing it; heads the base
-  lacks come from `fill` (the policy's: a reference's heads are never read)."""
+def load(entry: dict, abstract_params: dict, where: str) -> Any:
+  """The reference parameters a record's entry names, after `check`ing its digest and verifying
+  the step against its manifest (a corrupt file is refused, not trained against). Heads the base
+  lacks are zeros: a reference's heads are never read."""
+  import jax
+  import jax.numpy as jnp
   check(entry, where)
   skip = new_heads(entry['workdir'], abstract_params)
   params, _ = checkpoint_stream.restore_params(
       entry['workdir'], {k: v for k, v in abstract_params.items() if k not in skip},
-      entry['step'], verify=False)
-  import jax.numpy as jnp
-  return dict(params, **{k: jnp.copy((fill or {})[k]) for k in skip})   # Not the policy's buffer.
+      entry['step'], verify=True)
+  zeros = {k: jax.jit(lambda a=abstract_params[k]: jnp.zeros(a.shape, a.dtype),
+                      out_shardings=abstract_params[k].sharding)() for k in skip}
+  return dict(params, **zeros)
 
 
 def entry(workdir: str, step: int) -> dict:

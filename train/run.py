@@ -38,6 +38,13 @@ def check_config(cfg, model_cfg: ModelConfig, mesh, rules=None, pipe=None) -> No
         f'is not divisible by the {n_batch_shards} batch shards of the mesh {dict(mesh.shape)}')
 
 
+def rows_sharding(batch_sh: NamedSharding, ndim: int) -> NamedSharding:
+  """The batch sharding ([B, T] arrays) for an array of `ndim` dimensions with rows first (a
+  per-row scalar [B], e.g. a reward model's target score)."""
+  spec = tuple(batch_sh.spec) + (None,) * max(0, ndim - len(batch_sh.spec))
+  return NamedSharding(batch_sh.mesh, P(*spec[:ndim]))
+
+
 @dataclasses.dataclass
 class Run:
   """Everything the loop needs; `state` is the train state at `step`."""
@@ -76,10 +83,11 @@ class Run:
       fields = data_lib.batch_fields(tokens_BW, self.objective.batch_fields(),
                                      self.data.tokenizer.eos_id, loss_mask_BT)
     if global_rows is None:
-      return {k: jax.make_array_from_callback(v.shape, self.batch_sharding, lambda i, v=v: v[i])
+      return {k: jax.make_array_from_callback(v.shape, rows_sharding(self.batch_sharding, v.ndim),
+                                              lambda i, v=v: v[i])
               for k, v in fields.items()}
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v,
-                                                      (global_rows,) + v.shape[1:])
+    return {k: jax.make_array_from_process_local_data(rows_sharding(self.batch_sharding, v.ndim),
+                                                      v, (global_rows,) + v.shape[1:])
             for k, v in fields.items()}
 
   def record(self) -> dict:
@@ -128,6 +136,7 @@ def build(cfg, workdir: str, log=print) -> Run:
   ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints,
                                log=log)
   record, where, peft_base = None, '', None
+  ref_params, ref_entry = None, None   # A full-weight run's frozen reference (DPO, RL).
   try:
     if ckpt.latest_step() is not None:
       expect = {'model': model_cfg.to_dict()}
@@ -140,8 +149,13 @@ def build(cfg, workdir: str, log=print) -> Run:
                                    verify=t.verify_checkpoints, log=log)
       where = f'checkpoint step {int(state["step"])} in {ckpt.directory}'
       resume.check_same_data(cfg, record, where)
-      if record.get(reference_lib.RECORD_KEY):   # Its reference must still be the same.
-        reference_lib.check(record[reference_lib.RECORD_KEY], where)
+      if objective.needs_reference and not peft.method:   # The same, verified reference.
+        ref_entry = record.get(reference_lib.RECORD_KEY)
+        if not ref_entry:
+          raise ckpt_lib.CheckpointMismatchError(
+              f'{where} holds no reference model in its record: it was not trained with '
+              f'config.train.objective={t.objective!r}')
+        ref_params = reference_lib.load(ref_entry, spec.abstract_state['params'], where)
       if adapter_only:
         peft_base = peft_run.check_base(record, where)
         full, _ = peft_run.base_params(peft_base['workdir'], peft_base['step'], model_cfg, peft,
@@ -181,17 +195,15 @@ def build(cfg, workdir: str, log=print) -> Run:
           t.init_from, model_cfg, spec.abstract_state['params'], state['params'])
       log(f'Initialised parameters from {t.init_from} (its step {src_step}); optimizer and step '
           'start fresh')
-  # A full-weight run against a frozen reference (DPO, RL) holds a second copy of the base.
-  ref_params, ref_entry = None, None
-  if objective.needs_reference and not peft.method:
-    ref_entry = (record or {}).get(reference_lib.RECORD_KEY) or reference_lib.entry(
-        t.init_from, src_step)
+  if objective.needs_reference and not peft.method and ref_params is None:
+    # A fresh full-weight run against a frozen reference holds a second copy of its base.
+    ref_entry = reference_lib.entry(t.init_from, src_step)
     ref_params = reference_lib.load(ref_entry, spec.abstract_state['params'],
-                                    where or f'config.train.init_from={t.init_from!r}',
-                                    fill=state['params'])
+                                    f'config.train.init_from={t.init_from!r}')
 
   replicated = NamedSharding(mesh, P())
-  fields_sh = {k: batch_sh for k in objective.batch_fields()}
+  fields_sh = {k: rows_sharding(batch_sh, 1 if k in objective.row_fields else 2)
+               for k in objective.batch_fields()}
   ref_sh = None if ref_params is None else spec.param_shardings
   train_step = jax.jit(
       step_lib.make_train_step(spec.graphdef, tx, schedule, grad_accum=t.grad_accum,

@@ -103,12 +103,15 @@ def loop(run: run_lib.Run, log=print, stop_after: int | None = None) -> RunResul
   if pipe.enabled:
     log(f'Pipeline: {pipe.schedule}, {pipe.stages} stages x {pipe.repeats} repeats, '
         f'{pipe.microbatches} microbatches; bubble fraction {pipe.bubble_fraction:.3f}')
+  per_byte = (f'{data.val_bytes_per_token:.2f} bytes/token, ' if
+              math.isfinite(data.val_bytes_per_token) else '')
   log(f'Data: {data.info["source"]} corpus {data.info["fingerprint"][:12]}, '
       f'{data.info["train_tokens"]:,} training and {data.info["val_tokens"]:,} validation tokens, '
-      f'{data.val_bytes_per_token:.2f} bytes/token (tokenizer vocab {data.tokenizer.vocab_size})')
+      f'{per_byte}tokenizer vocab {data.tokenizer.vocab_size}')
 
   peak_flops, peak_note = _peak(t, model_cfg, log)
-  tokens_per_step = t.batch_size * cfg.data.seq_len
+  # A preference example is two rows (chosen, rejected); MFU counts the policy's work only.
+  tokens_per_step = t.batch_size * cfg.data.seq_len * run.objective.rows_per_example
   flops_per_step = model_cfg.flops_per_token(cfg.data.seq_len) * tokens_per_step
   writer = metrics_lib.MetricsWriter(run.workdir, tensorboard=t.tensorboard)
 

@@ -1,12 +1,14 @@
 """train/config_schema.py: every config field has a rule and every rule refuses bad values with
 one line naming the field; every config in configs/ passes; misspelled keys get the closest one;
 the command line refuses meaningless values without a traceback."""
+import copy
 import dataclasses
 import glob
 import importlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -214,9 +216,9 @@ def _config_modules():
   files = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')) +
                  glob.glob(os.path.join(ROOT, 'configs', 'sweeps', '*.py')))
   mods = [os.path.relpath(f, ROOT)[:-3].replace(os.sep, '.') for f in files]
-  # finetune, sft and sft_lora take a source workdir (tested below).
+  # finetune, sft, sft_lora, reward and dpo take a source workdir (tested below).
   return [m for m in mods if m.rsplit('.', 1)[1] not in ('__init__', 'base', 'finetune', 'sft',
-                                                          'sft_lora')]
+                                                          'sft_lora', 'reward', 'dpo')]
 
 
 @pytest.mark.parametrize('module', _config_modules())
@@ -243,6 +245,41 @@ def test_base_and_finetune_pass(tmp_path):
   cs.validate(lora)
   assert (lora.peft.method, lora.train.objective) == ('lora', 'sft')
   assert ModelConfig.from_dict(cfg.model.to_dict()) == ModelConfig.from_dict(src.model.to_dict())
+  for name, objective in (('reward', 'reward'), ('dpo', 'dpo')):
+    aligned = importlib.import_module(f'configs.{name}').get_config(str(tmp_path))
+    cs.validate(aligned)
+    cs.validate(json.loads(aligned.to_json()))
+    assert (aligned.data.source, aligned.train.objective) == ('preference', objective)
+  assert ModelConfig.from_dict(importlib.import_module('configs.reward').get_config(
+      str(tmp_path)).model.to_dict()).heads == ('reward',)
+
+
+def test_alignment_objectives_name_what_they_need(tmp_path):
+  src = importlib.import_module('configs.tiny').get_config()
+  (tmp_path / 'config.json').write_text(src.to_json())
+  dpo = importlib.import_module('configs.dpo').get_config(str(tmp_path))
+  bad = [({'train.init_from': ''}, 'needs config.train.init_from'),
+         ({'peft.method': 'prompt'}, "cannot use config.peft.method='prompt'"),
+         ({'data.source': 'sft'}, "the objective needs data.source='preference'"),
+         ({'align.dpo_loss': 'kto'}, 'config.align.dpo_loss must be one of'),
+         ({'align.beta': 0.0}, 'config.align.beta must be a number > 0')]
+  for change, message in bad:
+    cfg = copy.deepcopy(dpo)
+    for k, v in change.items():
+      section, key = k.split('.')
+      cfg[section][key] = v
+    with pytest.raises(ConfigError, match=re.escape(message)):
+      cs.validate(cfg)
+  simpo = copy.deepcopy(dpo)
+  simpo.align.dpo_loss, simpo.train.init_from = 'simpo', ''   # Reference-free.
+  cs.validate(simpo)
+  reward = importlib.import_module('configs.reward').get_config(str(tmp_path))
+  reward.model.heads = ()
+  with pytest.raises(ConfigError, match="needs config.model.heads to include 'reward'"):
+    cs.validate(reward)
+  reward.model.heads = ('reward', 'bogus')
+  with pytest.raises(ConfigError, match='config.model.heads'):
+    cs.validate(reward)
 
 
 # ---- (c) Closest keys -------------------------------------------------------------------------

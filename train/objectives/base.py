@@ -53,6 +53,8 @@ class Objective:
   fields: tuple[str, ...] = ('tokens',)
   needs_reference = False
   data_source = ''   # The data it trains on: '' a text corpus, 'sft' or 'preference' records.
+  row_fields: tuple[str, ...] = ()   # Fields with one value per row ([B]); the rest are [B, T].
+  rows_per_example = 1   # Token rows one example holds (a preference pair: 2).
 
   def __init__(self, cfg: Any):
     self.cfg = cfg

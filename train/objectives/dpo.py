@@ -68,6 +68,7 @@ def dpo_losses(policy_c, policy_r, ref_c, ref_r, len_c, len_r, a: AlignConfig):
 class DirectPreference(Objective):
   fields = PAIR_FIELDS
   data_source = 'preference'
+  rows_per_example = 2
 
   def __init__(self, cfg=None, align: AlignConfig | None = None):
     super().__init__(cfg)

@@ -49,6 +49,8 @@ def pair_rewards(forward, batch) -> tuple[jax.Array, jax.Array]:
 class RewardModel(Objective):
   fields = REWARD_FIELDS
   data_source = 'preference'
+  rows_per_example = 2
+  row_fields = ('pair', 'score', 'margin')
 
   def __init__(self, cfg=None, align: AlignConfig | None = None):
     super().__init__(cfg)
