@@ -9,6 +9,17 @@ and the RL objectives that follow them). Defaults live here; configs/base.py cop
   simpo_gamma      SimPO's target margin gamma (the loss uses gamma / beta, as TRL's CPO).
   reward_center    RewardTrainer's center_rewards_coefficient (Eisenstein et al. 2023): a
                    penalty on the squared mean reward, keeping rewards centred on zero.
+  rl_loss          how GRPO's per-token losses are averaged (train/objectives/grpo.py): grpo
+                   (per sequence, then over sequences; Shao et al. 2024) | bnpo (over all
+                   tokens) | dr_grpo (sum / (sequences x max_completion_len); Liu et al. 2025)
+  clip_eps         PPO's ratio clip epsilon (Schulman et al. 2017); clip_eps_high > 0 sets the
+                   upper bound separately (DAPO's clip-higher, Yu et al. 2025: 0.28)
+  kl_coef          weight of the k3 estimate of KL(policy || reference) per token (Schulman
+                   2020; DeepSeekMath's 0.04); 0 = no reference model
+  kl_importance    weigh each token's k3 by the ratio pi / pi_old: the samples came from
+                   pi_old, so this makes the KL estimate unbiased for pi (TRL's
+                   use_bias_correction_kl, its default)
+  max_completion_len  generated tokens per sample (dr_grpo's constant normaliser)
 """
 from __future__ import annotations
 
@@ -16,6 +27,7 @@ import dataclasses
 from typing import Any
 
 DPO_LOSSES = ('sigmoid', 'ipo', 'hinge', 'simpo')
+RL_LOSSES = ('grpo', 'bnpo', 'dr_grpo')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +37,12 @@ class AlignConfig:
   label_smoothing: float = 0.0
   simpo_gamma: float = 0.5
   reward_center: float = 0.0
+  rl_loss: str = 'grpo'
+  clip_eps: float = 0.2
+  clip_eps_high: float = 0.0
+  kl_coef: float = 0.04
+  kl_importance: bool = True
+  max_completion_len: int = 64
 
   @classmethod
   def from_config(cls, cfg: Any) -> 'AlignConfig':

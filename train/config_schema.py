@@ -18,7 +18,7 @@ from model.config import ModelConfig
 from model.config_rules import (BOOL, ConfigError, Rule, choice, closest_key, nonneg_int, number,
                                 positive_int)
 from train import corpus, objectives, tokenizer
-from train.align_config import DPO_LOSSES
+from train.align_config import DPO_LOSSES, RL_LOSSES
 
 SEED = nonneg_int()
 
@@ -123,6 +123,10 @@ ALIGN_RULES = {   # train/align_config.py says what each means.
     'beta': number(gt=0), 'dpo_loss': choice(DPO_LOSSES),
     'label_smoothing': number(ge=0, lt=0.5), 'simpo_gamma': number(ge=0),
     'reward_center': number(ge=0, note='0 = off'),
+    'rl_loss': choice(RL_LOSSES), 'clip_eps': number(gt=0, lt=1),
+    'clip_eps_high': number(ge=0, note='0 = clip_eps'), 'kl_coef': number(ge=0, note='0 = off'),
+    'kl_importance': BOOL,
+    'max_completion_len': positive_int(),
 }
 PEFT_RULES = {
     'method': Rule('str', note="'' (full fine-tuning), lora, adapter or prompt"),
@@ -243,7 +247,8 @@ def _cross_checks(cfg: Any, model_cfg: ModelConfig) -> None:
   records = data['source'] if data['source'] in ('sft', 'preference') else ''
   if objective.data_source != records:
     need = {'': 'a text corpus (stdlib, text, jsonl, tfds)', 'sft': "data.source='sft'",
-            'preference': "data.source='preference'"}
+            'preference': "data.source='preference'",
+            'rollouts': 'batches sampled from the policy by an RL loop, not a data source'}
     raise ConfigError(f"config.data.source={data['source']!r} with config.train.objective="
                       f"{t['objective']!r}: the objective needs {need[objective.data_source]}")
   _check_align(cfg, model_cfg, objective)

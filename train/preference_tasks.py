@@ -2,8 +2,8 @@
 
   stdlib_preferences   a stdlib function's signature + docstring -> chosen: its real body;
                        rejected: the body broken so the function no longer parses (cut
-                       mid-statement, or a line's indentation lost), or, for every third
-                       function, the body of another function of the same split (a
+                       mid-statement, or a line's indentation lost); a function with no such
+                       break gets the body of another function of the same split (a
                        well-formed answer to a different question).
 
 Splits are the SFT task's (train/sft_tasks.py: disjoint by source file), so a preference model
@@ -63,12 +63,10 @@ def _pairs(split: str) -> tuple[dict, ...]:
   for i, r in enumerate(records):
     prompt, body = r['prompt'], r['completion']
     seed = _seed(r['source'])
-    rejected = None
-    if i % 3 == 2 and len(records) > 1:   # Another function's body (wrong, but well formed).
+    rejected = corrupt(prompt, body, seed)
+    if rejected is None and len(records) > 1:   # Another function's body (well formed).
       other = records[(i + 1 + seed % (len(records) - 1)) % len(records)]['completion']
       rejected = other if other != body else None
-    if rejected is None:
-      rejected = corrupt(prompt, body, seed)
     if rejected is not None:
       out.append({'prompt': prompt, 'chosen': body, 'rejected': rejected, 'source': r['source']})
   return tuple(out)

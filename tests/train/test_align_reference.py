@@ -185,3 +185,65 @@ def test_reward_loss_equals_trls_reward_trainer(tmp_path, monkeypatch):
   logged = trainer._metrics['train' if rm.training else 'eval']   # pylint: disable=protected-access
   assert float(metrics['accuracy']) == pytest.approx(logged['accuracy'][-1])
   assert float(metrics['margin']) == pytest.approx(logged['margin'][-1], abs=1e-5)
+
+
+@pytest.mark.parametrize('loss_type,eps_high,kl_importance', [
+    ('grpo', 0.0, True), ('bnpo', 0.28, True), ('dr_grpo', 0.0, False)])
+def test_grpo_loss_equals_trls_grpo_trainer(dpo_models, monkeypatch, loss_type, eps_high,
+                                            kl_importance):
+  """TRL's GRPOTrainer loss on the same sampled completions, advantages, sampling-time
+  log-probs and reference model (k3 KL, clipped ratio), within 1e-6."""
+  monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  src, ref_src, policy, reference, tmp = dpo_models
+  from train.objectives.grpo import GroupRelativePolicy
+  from train.step import ModelForward, ReferenceForward
+  tok = transformers.AutoTokenizer.from_pretrained(src)
+  model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+  ref_model = transformers.AutoModelForCausalLM.from_pretrained(ref_src, dtype=torch.float32)
+  b, p, c, clen = 6, 5, 9, 9
+  args = trl.GRPOConfig(output_dir=str(tmp / f'grpo_{loss_type}'), report_to=[], use_cpu=True,
+                        bf16=False, beta=0.04, loss_type=loss_type, epsilon=0.2,
+                        epsilon_high=eps_high or 0.2, num_generations=2,
+                        per_device_train_batch_size=2, max_completion_length=clen,
+                        use_bias_correction_kl=kl_importance)
+  trainer = trl.GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0] * len(
+      completions), args=args, train_dataset=datasets.Dataset.from_list(
+          [{'prompt': 'def f(x):'}] * 4), processing_class=tok)
+  gen = torch.Generator().manual_seed(0)
+  prompt = torch.randint(3, 60, (b, p), generator=gen)
+  completion = torch.randint(3, 60, (b, c), generator=gen)
+  cmask = torch.ones(b, c, dtype=torch.long)
+  for i in range(b):
+    cmask[i, c - i:] = 0   # Completions of different lengths.
+  ids = torch.cat([prompt, completion], 1)
+  with torch.no_grad():
+    def logps(m):
+      lp = torch.log_softmax(m(input_ids=ids).logits[:, p - 1:-1].float(), -1)
+      return torch.gather(lp, 2, completion[..., None])[..., 0]
+    cur, ref = logps(model), logps(ref_model)
+  old = cur + 0.3 * torch.randn(b, c, generator=gen)   # Sampled a few updates ago.
+  adv = torch.randn(b, generator=gen)
+  inputs = {'prompt_ids': prompt, 'prompt_mask': torch.ones_like(prompt),
+            'completion_ids': completion, 'completion_mask': cmask, 'advantages': adv,
+            'old_per_token_logps': old, 'ref_per_token_logps': ref,
+            'num_items_in_batch': cmask.sum()}
+  with torch.no_grad():
+    want = float(trainer._compute_loss(model, inputs))   # pylint: disable=protected-access
+  # palmax rows: prompt + completion (+ a pad column); target t + 1 is weighed at t.
+  t = p + c
+  tokens = np.concatenate([ids.numpy(), np.zeros((b, 1), np.int64)], 1)
+  mask, old_bt = np.zeros((b, t), np.float32), np.zeros((b, t), np.float32)
+  mask[:, p - 1:t - 1], old_bt[:, p - 1:t - 1] = cmask.numpy(), old.numpy()
+  objective = GroupRelativePolicy(None, AlignConfig(rl_loss=loss_type, clip_eps=0.2,
+                                                    clip_eps_high=eps_high, kl_coef=0.04,
+                                                    kl_importance=kl_importance,
+                                                    max_completion_len=clen))
+  got, metrics = objective.loss(
+      ModelForward(policy, ReferenceForward(reference, adapters_off=False)),
+      {'tokens': jnp.asarray(tokens, jnp.int32), 'loss_mask': jnp.asarray(mask),
+       'old_logps': jnp.asarray(old_bt), 'advantages': jnp.asarray(adv.numpy())})
+  assert float(got) == pytest.approx(want, rel=1e-6, abs=1e-6)
+  logged = trainer._metrics['train' if model.training else 'eval']   # pylint: disable=protected-access
+  assert float(metrics['kl']) == pytest.approx(logged['kl'][-1], rel=1e-5, abs=1e-6)
+  assert 0 < float(metrics['clip_fraction']) < 1

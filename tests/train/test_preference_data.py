@@ -102,4 +102,4 @@ def test_bundled_pairs_are_disjoint_and_rejected_ones_fail_the_tasks_metric():
     assert p['chosen'] != p['rejected']
     assert preference_tasks.parses(p['prompt'], p['chosen'])
   broken = [not preference_tasks.parses(p['prompt'], p['rejected']) for p in splits['validation']]
-  assert 0.5 < np.mean(broken) < 1.0   # Mostly unparseable; a third are other functions' bodies.
+  assert np.mean(broken) > 0.9   # Unparseable, but for the rare body no cut breaks.
