@@ -17,7 +17,7 @@ def get_config(workdir: str = ''):
   cfg = finetune.get_config(workdir)
   cfg.data.update(source='preference', pref_task='stdlib_preferences')
   cfg.align.update(beta=0.1, dpo_loss='sigmoid')
-  cfg.train.update(objective='dpo', z_loss=0.0, steps=100, batch_size=16, lr=1e-5,
+  cfg.train.update(objective='dpo', z_loss=0.0, steps=100, batch_size=16, lr=1e-4,
                    warmup_steps=10, lr_end_fraction=0.0, weight_decay=0.0, eval_every=50,
                    checkpoint_every=50, eval_batches=0,
                    eval_tasks='stdlib_functions', eval_tasks_limit=32)

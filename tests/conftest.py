@@ -5,6 +5,18 @@ import sys
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for the whole run: the pytest process, its xdist workers and
+# every subprocess a test launches (they inherit the environment) reuse each other's compiled
+# programs, so the many tests that train the same tiny model compile its step once. Only
+# compiles over a second are kept; the directory goes when the run ends.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _cache = tempfile.mkdtemp(prefix='palmax-test-jax-cache-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402

@@ -23,7 +23,6 @@ and the mean advantage.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from train.align_config import RL_LOSSES, AlignConfig

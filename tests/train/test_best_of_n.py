@@ -1,0 +1,66 @@
+"""Best-of-N picks the best-scored sample, a failing or hanging scorer fails one sample (logged)
+and never the run, and the curve over N uses what best-of-N would have chosen."""
+import time
+
+import pytest
+
+from train import best_of_n, rewards
+from train.evaluation.lm import Generation
+
+
+class FakePolicy:
+  """Generates fixed samples: prompt i's sample j is SAMPLES[(i + j) % len(SAMPLES)]."""
+  SAMPLES = ['    return x\n', '    return (x\n', '    if x:\n        return 1\n', 'oops(\n']
+
+  def __init__(self):
+    self.calls = []
+
+  def generate(self, prompts, gen):
+    self.calls.append(gen)
+    return [[self.SAMPLES[(i + j) % len(self.SAMPLES)] for j in range(gen.n)]
+            for i in range(len(prompts))]
+
+
+def test_best_is_the_highest_score_and_the_curve_rises_with_n():
+  policy = FakePolicy()
+  score = rewards.make_scorer('rule:parses')
+  picks = best_of_n.best_of_n(policy, ['a', 'b', 'c', 'd'], 4, score, Generation(max_tokens=8))
+  assert policy.calls[0].n == 4
+  for p in picks:
+    assert p.score == max(p.scores) == 1.0 and rewards.parses('', p.best) == 1.0
+  # One sample: two of the four prompts start on a body that does not parse; two: every prompt
+  # has a parsing one among them.
+  assert best_of_n.curve(picks, rewards.parses) == [(1, 0.5), (2, 1.0), (4, 1.0)]
+
+
+def test_a_rule_that_raises_or_hangs_fails_only_its_sample():
+  def flaky(prompt, completion):
+    if 'oops' in completion:
+      raise RuntimeError('bad sample')
+    if 'if x' in completion:
+      time.sleep(5)
+    return float(len(completion))
+
+  lines = []
+  scorer = rewards.RuleScorer(flaky, timeout_s=0.5)
+  picks = best_of_n.best_of_n(FakePolicy(), ['a'], 4, scorer, Generation(max_tokens=8),
+                              log=lines.append)
+  assert picks[0].scores[2] is None and picks[0].scores[3] is None
+  assert picks[0].best == '    return (x\n'   # The longest that scored.
+  assert any('RuntimeError: bad sample' in x for x in lines)
+  assert any('timed out after 0.5 s' in x for x in lines)
+
+
+def test_all_failed_means_no_pick():
+  scorer = rewards.RuleScorer(lambda p, c: 1 / 0, timeout_s=1)
+  picks = best_of_n.best_of_n(FakePolicy(), ['a'], 2, scorer, Generation(), log=lambda _: None)
+  assert picks[0].best is None and picks[0].score is None
+  assert best_of_n.curve(picks, rewards.parses) == [(1, 0.0), (2, 0.0)]
+
+
+@pytest.mark.parametrize('spec,message', [
+    ('rule:nope', "no reward rule 'nope'"), ('reward:', "expected 'reward:WORKDIR'"),
+    ('logprob', 'needs the policy model'), ('judge:x', "expected 'rule:NAME'")])
+def test_bad_scorer_specs_are_named(spec, message):
+  with pytest.raises(ValueError, match=message):
+    rewards.make_scorer(spec)

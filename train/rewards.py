@@ -1,0 +1,107 @@
+"""Scoring sampled completions: rule rewards (a Python function per task), a trained reward
+model, or the policy's own log-probability, behind one interface for best-of-N, rejection
+sampling and RL.
+
+    score = make_scorer('reward:runs/tiny_rm')        # or 'rule:parses', 'logprob'
+    scores, failures = score(prompts, completions)   # floats; a failed sample scores None
+
+A rule is `fn(prompt, completion) -> float` registered in RULES. A rule that raises, or runs
+past `timeout_s`, fails that sample only: it scores None and the failure is reported (the
+caller logs it), never ending the run. A rule that may hang for good belongs in a subprocess
+(train/evaluation/sandbox.py), as code execution does.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+from typing import Callable, Sequence
+
+RULES: dict[str, Callable[[str, str], float]] = {}
+
+
+def rule(name: str):
+  """Decorator: registers `fn(prompt, completion) -> float` as the rule `name`."""
+  def add(fn):
+    if name in RULES and RULES[name] is not fn:
+      raise ValueError(f'reward rule {name!r} is registered twice')
+    RULES[name] = fn
+    return fn
+  return add
+
+
+@rule('parses')
+def parses(prompt: str, completion: str) -> float:
+  """1.0 if the completion is a valid function body: the stdlib function task's own metric
+  (train/evaluation/metrics.py)."""
+  from train.evaluation.metrics import parses_as_body
+  del prompt
+  return parses_as_body(completion)
+
+
+@dataclasses.dataclass
+class Failure:
+  index: int
+  reason: str
+
+
+class RuleScorer:
+  """Runs a rule on each sample in worker threads; one bad sample fails alone."""
+
+  def __init__(self, fn: Callable[[str, str], float], timeout_s: float = 10.0, workers: int = 4):
+    self.fn, self.timeout_s = fn, timeout_s
+    self._pool = concurrent.futures.ThreadPoolExecutor(workers)
+
+  def __call__(self, prompts: Sequence[str], completions: Sequence[str]):
+    futures = [self._pool.submit(self.fn, p, c) for p, c in zip(prompts, completions)]
+    scores, failures = [], []
+    for i, f in enumerate(futures):
+      try:
+        scores.append(float(f.result(timeout=self.timeout_s)))
+      except concurrent.futures.TimeoutError:
+        scores.append(None)
+        failures.append(Failure(i, f'timed out after {self.timeout_s:g} s'))
+      except Exception as e:   # pylint: disable=broad-except  (any rule bug fails one sample)
+        scores.append(None)
+        failures.append(Failure(i, f'{type(e).__name__}: {e}'))
+    return scores, failures
+
+
+class RewardModelScorer:
+  def __init__(self, workdir: str):
+    from train.reward_scorer import RewardScorer
+    self.model = RewardScorer.from_workdir(workdir)
+
+  def __call__(self, prompts, completions):
+    return [float(x) for x in self.model.score(list(zip(prompts, completions)))], []
+
+
+class LogprobScorer:
+  """The mean log-probability per token of each completion under the policy (an EvalModel,
+  train/evaluation/lm.py): OpenAI's best_of criterion."""
+
+  def __init__(self, policy):
+    self.policy = policy
+
+  def __call__(self, prompts, completions):
+    out = self.policy.loglikelihood(list(zip(prompts, completions)))
+    lengths = [max(1, len(self.policy.tokenizer.encode(c))) for c in completions]
+    return [float(lp) / n for (lp, _), n in zip(out, lengths)], []
+
+
+def make_scorer(spec: str, policy=None, timeout_s: float = 10.0):
+  """A scorer from 'rule:NAME', 'reward:WORKDIR' or 'logprob' (needs `policy`, an EvalModel:
+  train/evaluation/lm.py's PalmaxModel). ValueError naming the spec otherwise."""
+  kind, _, arg = spec.partition(':')
+  if kind == 'rule':
+    if arg not in RULES:
+      raise ValueError(f'--scorer={spec!r}: no reward rule {arg!r}; rules: {sorted(RULES)}')
+    return RuleScorer(RULES[arg], timeout_s)
+  if kind == 'reward':
+    if not arg:
+      raise ValueError(f"--scorer={spec!r}: expected 'reward:WORKDIR' (a reward model's workdir)")
+    return RewardModelScorer(arg)
+  if kind == 'logprob' and not arg:
+    if policy is None:
+      raise ValueError("--scorer='logprob' needs the policy model")
+    return LogprobScorer(policy)
+  raise ValueError(f"--scorer={spec!r}: expected 'rule:NAME', 'reward:WORKDIR' or 'logprob'")
