@@ -9,7 +9,9 @@ a reward model or the model's own log-probability; the best of each prompt whose
 
 Prompts: --prompts (JSONL with "prompt") or --task (a bundled SFT task's --split). With
 --metric (a rule, train/rewards.py) it also prints best-of-N's value of that metric as N grows:
-N' = 1, 2, 4, ... up to --n, the best-scored of the first N' samples.
+N' = 1, 2, 4, ... up to --n, the best-scored of the first N' samples. --pairs_out writes
+(best, worst) pairs as preference records (train/preference_data.py): with an AI judge as the
+scorer, that is RLAIF's labelling for DPO or a reward model.
 """
 from __future__ import annotations
 
@@ -23,13 +25,18 @@ _TASK = flags.DEFINE_string('task', None, 'A bundled SFT task (train/sft_tasks.p
 _SPLIT = flags.DEFINE_string('split', 'train', "The bundled task's split.")
 _LIMIT = flags.DEFINE_integer('limit', None, 'At most this many prompts.')
 _N = flags.DEFINE_integer('n', 8, 'Samples per prompt.')
-_SCORER = flags.DEFINE_string('scorer', None, "rule:NAME, reward:WORKDIR or logprob.")
+_SCORER = flags.DEFINE_string('scorer', None,
+                              'rule:NAME, reward:WORKDIR, judge:WORKDIR[:RUBRIC] or logprob.')
 _MIN_SCORE = flags.DEFINE_float('min_score', None, 'Keep a prompt only if its best scores this.')
 _METRIC = flags.DEFINE_string('metric', None, 'A rule to report best-of-N against N with.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature.')
 _MAX_TOKENS = flags.DEFINE_integer('max_tokens', 128, 'Tokens per sample.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _OUT = flags.DEFINE_string('out', None, 'Where the kept records go (JSONL).')
+_PAIRS_OUT = flags.DEFINE_string('pairs_out', None,
+                                 'Also write preference pairs (best chosen, worst rejected) of '
+                                 'prompts whose samples scored differently: labels for DPO or a '
+                                 'reward model (RLAIF with --scorer=judge:...).')
 
 
 def _prompts() -> list[str]:
@@ -99,6 +106,11 @@ def main(argv):
         json.dumps({'prompt': p.prompt, 'completion': p.best, 'score': p.score}) + '\n'
         for p in kept))
     print(f'wrote {len(kept)} SFT records to {_OUT.value}')
+  if _PAIRS_OUT.value:
+    from train import paths
+    pairs = best_of_n.preference_pairs(picks)
+    paths.write_text(_PAIRS_OUT.value, ''.join(json.dumps(x) + '\n' for x in pairs))
+    print(f'wrote {len(pairs)} preference pairs to {_PAIRS_OUT.value}')
 
 
 if __name__ == '__main__':

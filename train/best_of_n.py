@@ -67,3 +67,19 @@ def curve(picks: Sequence[Pick], metric: Callable[[str, str], float]) -> list[tu
     out.append((k, sum(values) / max(len(values), 1)))
     k *= 2
   return out
+
+
+def preference_pairs(picks: Sequence[Pick]) -> list[dict]:
+  """{"prompt", "chosen", "rejected", "margin"} per prompt whose best and worst scored samples
+  differ in score and text: the scorer's labels as preference data (empty samples skipped:
+  a preference record needs text on both sides)."""
+  out = []
+  for p in picks:
+    valid = [(s, i) for i, s in enumerate(p.scores) if s is not None and p.samples[i].strip()]
+    if len(valid) < 2:
+      continue
+    (lo, i_lo), (hi, i_hi) = min(valid), max(valid)
+    if hi > lo and p.samples[i_hi] != p.samples[i_lo]:
+      out.append({'prompt': p.prompt, 'chosen': p.samples[i_hi], 'rejected': p.samples[i_lo],
+                  'margin': 0.0})
+  return out

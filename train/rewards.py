@@ -1,8 +1,8 @@
 """Scoring sampled completions: rule rewards (a Python function per task), a trained reward
-model, or the policy's own log-probability, behind one interface for best-of-N, rejection
-sampling and RL.
+model, an AI judge with a rubric (RLAIF), or the policy's own log-probability, behind one
+interface for best-of-N, rejection sampling and RL.
 
-    score = make_scorer('reward:runs/tiny_rm')        # or 'rule:parses', 'logprob'
+    score = make_scorer('reward:runs/tiny_rm')   # or 'rule:parses', 'judge:runs/j', 'logprob'
     scores, failures = score(prompts, completions)   # floats; a failed sample scores None
 
 A rule is `fn(prompt, completion) -> float` registered in RULES. A rule that raises, or runs
@@ -88,10 +88,34 @@ class LogprobScorer:
     return [float(lp) / n for (lp, _), n in zip(out, lengths)], []
 
 
+class JudgeScorer:
+  """RL from AI feedback (Bai et al. 2022; Lee et al. 2023): a judge model grades each sample
+  against a rubric (train/evaluation/autorater.py); the score is its expected grade."""
+
+  def __init__(self, judge_workdir: str, rubric: str = 'helpfulness'):
+    from train.evaluation import autorater
+    from train.evaluation.lm import PalmaxModel
+    if rubric not in autorater.RUBRICS:
+      raise ValueError(f'judge rubric {rubric!r}; expected one of {sorted(autorater.RUBRICS)}')
+    self.model = PalmaxModel.load(judge_workdir)
+    self.judge = autorater.Judge(self.model, autorater.RUBRICS[rubric], rationale_tokens=0)
+
+  def __call__(self, prompts, completions):
+    verdicts = self.judge.score([{'prompt': p, 'response': c}
+                                 for p, c in zip(prompts, completions)])
+    return [float(v.expected) for v in verdicts], []
+
+
 def make_scorer(spec: str, policy=None, timeout_s: float = 10.0):
-  """A scorer from 'rule:NAME', 'reward:WORKDIR' or 'logprob' (needs `policy`, an EvalModel:
-  train/evaluation/lm.py's PalmaxModel). ValueError naming the spec otherwise."""
+  """A scorer from 'rule:NAME', 'reward:WORKDIR', 'judge:WORKDIR[:RUBRIC]' or 'logprob' (needs
+  `policy`, an EvalModel: train/evaluation/lm.py's PalmaxModel). ValueError naming the spec
+  otherwise."""
   kind, _, arg = spec.partition(':')
+  if kind == 'judge':
+    workdir, _, rubric = arg.partition(':')
+    if not workdir:
+      raise ValueError(f"--scorer={spec!r}: expected 'judge:WORKDIR[:RUBRIC]'")
+    return JudgeScorer(workdir, rubric or 'helpfulness')
   if kind == 'rule':
     if arg not in RULES:
       raise ValueError(f'--scorer={spec!r}: no reward rule {arg!r}; rules: {sorted(RULES)}')
@@ -104,4 +128,5 @@ def make_scorer(spec: str, policy=None, timeout_s: float = 10.0):
     if policy is None:
       raise ValueError("--scorer='logprob' needs the policy model")
     return LogprobScorer(policy)
-  raise ValueError(f"--scorer={spec!r}: expected 'rule:NAME', 'reward:WORKDIR' or 'logprob'")
+  raise ValueError(f"--scorer={spec!r}: expected 'rule:NAME', 'reward:WORKDIR', "
+                   "'judge:WORKDIR[:RUBRIC]' or 'logprob'")

@@ -40,6 +40,27 @@ def test_kept_samples_are_sft_records_and_the_curve_is_printed(trained_workdir, 
       sft_data.record_segments(rec, tok, PalmaxChat(tok), 'kept')
 
 
+def test_an_ai_judge_labels_preference_pairs(trained_workdir, tmp_path):
+  """RLAIF's labelling: a judge model (here the tiny model itself) grades the samples against a
+  rubric; best over worst become preference records the DPO loader reads."""
+  prompts = tmp_path / 'prompts.jsonl'
+  prompts.write_text(''.join(json.dumps({'prompt': f'def g{i}(x):\n'}) + '\n' for i in range(2)))
+  pairs = tmp_path / 'pairs.jsonl'
+  r = _run(f'--workdir={trained_workdir[0]}', f'--prompts={prompts}', '--n=3', '--max_tokens=5',
+           '--temperature=1.0', f'--scorer=judge:{trained_workdir[0]}:correctness',
+           f'--pairs_out={pairs}')
+  assert r.returncode == 0, r.stderr[-3000:]
+  records = [json.loads(line) for line in pairs.read_text().splitlines()]
+  assert f'wrote {len(records)} preference pairs' in r.stdout and records
+  from model.inference.chat import PalmaxChat
+  from train import preference_data as pd
+  from train.tokenizer import load_workdir_tokenizer
+  tok = load_workdir_tokenizer(trained_workdir[0])
+  for rec in records:
+    assert rec['chosen'] != rec['rejected']
+    pd.record_units(rec, tok, PalmaxChat(tok), 'pairs')
+
+
 @pytest.mark.parametrize('args,message', [
     ([], '--workdir is required'),
     (['--workdir=W'], '--scorer is required'),

@@ -60,7 +60,18 @@ def test_all_failed_means_no_pick():
 
 @pytest.mark.parametrize('spec,message', [
     ('rule:nope', "no reward rule 'nope'"), ('reward:', "expected 'reward:WORKDIR'"),
-    ('logprob', 'needs the policy model'), ('judge:x', "expected 'rule:NAME'")])
+    ('logprob', 'needs the policy model'), ('judge:', "expected 'judge:WORKDIR"),
+    ('critic:x', "expected 'rule:NAME'")])
 def test_bad_scorer_specs_are_named(spec, message):
   with pytest.raises(ValueError, match=message):
     rewards.make_scorer(spec)
+
+
+def test_preference_pairs_are_best_over_worst_and_skip_ties():
+  picks = [best_of_n.Pick('p', ['a', 'b', 'c'], [0.1, 0.9, None]),
+           best_of_n.Pick('q', ['a', 'a'], [1.0, 0.0]),     # Same text: no pair.
+           best_of_n.Pick('r', ['a', 'b'], [0.5, 0.5])]     # Tied: no pair.
+  assert best_of_n.preference_pairs(picks) == [
+      {'prompt': 'p', 'chosen': 'b', 'rejected': 'a', 'margin': 0.0}]
+  from train import preference_data as pd
+  assert pd._kind(best_of_n.preference_pairs(picks)[0], 'x') == 'pair'   # pylint: disable=protected-access
