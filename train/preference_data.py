@@ -199,19 +199,9 @@ def build_preference_data(cfg, workdir: str | None, process_index: int = 0,
                           resume_from: str = 'the checkpoint'):
   """A DataBundle of preference units (module docstring). Every record is checked first; only
   then is the workdir written (its copy of the tokenizer)."""
-  from train import data as data_lib, paths, tokenizer as tokenizer_lib
+  from train import data as data_lib, paths
   d, t = cfg.data, cfg.train
-  if not d.tokenizer.get('path'):
-    raise ValueError("data.source='preference' needs data.tokenizer.path: the tokenizer of the "
-                     'model being tuned (configs/dpo.py and reward.py set it from the base)')
-  tok, save_tokenizer = tokenizer_lib.resolve_tokenizer(d, [], workdir)
-  if resume is not None:
-    want = (resume.get('corpus') or {}).get('tokenizer_sha256')
-    if want and want != tok.digest:
-      from train.checkpoint import CheckpointMismatchError
-      raise CheckpointMismatchError(f'data.tokenizer.path is not the tokenizer {resume_from} '
-                                    'was trained with; resume with the original tokenizer')
-  chat = sft_data.chat_format(tok, d.tokenizer.path if paths.isdir(d.tokenizer.path) else None)
+  tok, save_tokenizer, chat = sft_data.base_tokenizer(d, workdir, resume, resume_from)
   streams, info = {}, {'source': 'preference', 'pref_task': d.get('pref_task', '')}
   for split, recs in load_records(d).items():
     if recs:

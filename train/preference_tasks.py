@@ -2,9 +2,10 @@
 
   stdlib_preferences   a stdlib function's signature + docstring -> chosen: its real body;
                        rejected: the body broken so the function no longer parses (cut
-                       mid-statement, or a line's indentation lost); a function with no such
-                       break gets the body of another function of the same split (a
-                       well-formed answer to a different question).
+                       mid-statement, or a line's indentation lost), up to three distinct
+                       breaks per function, one pair each; a function with no such break
+                       gets the body of another function of the same split (a well-formed
+                       answer to a different question).
 
 Splits are the SFT task's (train/sft_tasks.py: disjoint by source file), so a preference model
 tuned on `train` is judged on functions from files it never saw. The task's own metric is the
@@ -18,6 +19,9 @@ import functools
 import hashlib
 
 from train import sft_tasks
+
+
+VARIANTS = 3   # Broken versions per function (distinct ones; fewer when cuts coincide).
 
 
 def parses(prompt: str, body: str) -> bool:
@@ -63,12 +67,16 @@ def _pairs(split: str) -> tuple[dict, ...]:
   for i, r in enumerate(records):
     prompt, body = r['prompt'], r['completion']
     seed = _seed(r['source'])
-    rejected = corrupt(prompt, body, seed)
-    if rejected is None and len(records) > 1:   # Another function's body (well formed).
+    rejected = []
+    for k in range(VARIANTS):   # Several broken versions: more pairs per function.
+      bad = corrupt(prompt, body, seed + 7919 * k)
+      if bad is not None and bad not in rejected:
+        rejected.append(bad)
+    if not rejected and len(records) > 1:   # Another function's body (well formed).
       other = records[(i + 1 + seed % (len(records) - 1)) % len(records)]['completion']
-      rejected = other if other != body else None
-    if rejected is not None:
-      out.append({'prompt': prompt, 'chosen': body, 'rejected': rejected, 'source': r['source']})
+      rejected = [other] if other != body else []
+    out += [{'prompt': prompt, 'chosen': body, 'rejected': bad, 'source': r['source']}
+            for bad in rejected]
   return tuple(out)
 
 

@@ -195,16 +195,14 @@ def load_records(data_cfg) -> dict[str, list[tuple[Any, str]]]:
   return out
 
 
-def build_sft_data(cfg, workdir: str | None, process_index: int = 0, process_count: int = 1, *,
-                   resume: dict | None = None, resume_from: str = 'the checkpoint'):
-  """A DataBundle of packed SFT rows (module docstring). Every record is checked first; only
-  then is the workdir written (its copy of the tokenizer, which sampling and serving read)."""
-  from train import data as data_lib
-  from train import tokenizer as tokenizer_lib
-  d, t = cfg.data, cfg.train
+def base_tokenizer(d, workdir: str | None, resume: dict | None, resume_from: str):
+  """(tokenizer, its saver for the workdir or None, chat format) of the model being tuned:
+  `data.tokenizer.path`, which must be the one a resumed checkpoint was trained with."""
+  from train import paths, tokenizer as tokenizer_lib
   if not d.tokenizer.get('path'):
-    raise ValueError("data.source='sft' needs data.tokenizer.path: the tokenizer of the model "
-                     'being tuned (configs/sft_*.py set it from the base workdir)')
+    raise ValueError(f'data.source={d.source!r} needs data.tokenizer.path: the tokenizer of the '
+                     'model being tuned (configs/finetune.py and the configs built on it set it '
+                     'from the base workdir)')
   tok, save_tokenizer = tokenizer_lib.resolve_tokenizer(d, [], workdir)
   if resume is not None:
     want = (resume.get('corpus') or {}).get('tokenizer_sha256')
@@ -212,8 +210,17 @@ def build_sft_data(cfg, workdir: str | None, process_index: int = 0, process_cou
       from train.checkpoint import CheckpointMismatchError
       raise CheckpointMismatchError(f'data.tokenizer.path is not the tokenizer {resume_from} '
                                     'was trained with; resume with the original tokenizer')
-  from train import paths
   chat = chat_format(tok, d.tokenizer.path if paths.isdir(d.tokenizer.path) else None)
+  return tok, save_tokenizer, chat
+
+
+def build_sft_data(cfg, workdir: str | None, process_index: int = 0, process_count: int = 1, *,
+                   resume: dict | None = None, resume_from: str = 'the checkpoint'):
+  """A DataBundle of packed SFT rows (module docstring). Every record is checked first; only
+  then is the workdir written (its copy of the tokenizer, which sampling and serving read)."""
+  from train import data as data_lib
+  d, t = cfg.data, cfg.train
+  tok, save_tokenizer, chat = base_tokenizer(d, workdir, resume, resume_from)
   records = load_records(d)
   # A soft prompt's virtual tokens (model/peft/prompt.py) open every example, untrained.
   from train import peft_run
@@ -261,6 +268,7 @@ def build_sft_data(cfg, workdir: str | None, process_index: int = 0, process_cou
               val_tokens=int(packs['validation'].stats['trained_tokens']) if val else 0,
               val_bytes_per_token=val_bpt, val_coverage=coverage)
   if workdir:   # Every record checked and packed: now the workdir may change.
+    from train import paths
     paths.makedirs(workdir)
     if save_tokenizer is not None:
       save_tokenizer()

@@ -79,3 +79,13 @@ class Objective:
     loss, metrics = self.loss(forward, batch)
     weight = metrics.get('weight', 1.0)
     return {'loss_sum': metrics.get('loss', loss) * weight, 'weight': weight}
+
+
+class AlignObjective(Objective):
+  """An objective tuned by `config.align` (train/align_config.py): reward, DPO, RL."""
+
+  def __init__(self, cfg=None, align=None):
+    super().__init__(cfg)
+    from train.align_config import AlignConfig
+    self.align = align or AlignConfig.from_config(cfg)
+    self.needs_reference = self.wants_reference(self.align)

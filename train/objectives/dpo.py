@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from train.align_config import DPO_LOSSES, AlignConfig
-from train.objectives.base import Objective, register
+from train.objectives.base import AlignObjective, register
 from train.objectives.logprobs import sequence_logps, token_logps
 
 PAIR_FIELDS = ('tokens', 'loss_mask', 'rejected_tokens', 'rejected_loss_mask')
@@ -65,15 +65,10 @@ def dpo_losses(policy_c, policy_r, ref_c, ref_r, len_c, len_r, a: AlignConfig):
 
 
 @register('dpo')
-class DirectPreference(Objective):
+class DirectPreference(AlignObjective):
   fields = PAIR_FIELDS
   data_source = 'preference'
   rows_per_example = 2
-
-  def __init__(self, cfg=None, align: AlignConfig | None = None):
-    super().__init__(cfg)
-    self.align = align or AlignConfig.from_config(cfg)
-    self.needs_reference = self.wants_reference(self.align)
 
   @classmethod
   def wants_reference(cls, align) -> bool:

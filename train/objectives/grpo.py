@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from train.align_config import RL_LOSSES, AlignConfig
-from train.objectives.base import Objective, register
+from train.objectives.base import AlignObjective, register
 from train.objectives.logprobs import token_logps
 
 RL_FIELDS = ('tokens', 'loss_mask', 'old_logps', 'advantages')
@@ -60,15 +60,10 @@ def reduce(per_token_BT, mask_BT, a: AlignConfig):
 
 
 @register('grpo')
-class GroupRelativePolicy(Objective):
+class GroupRelativePolicy(AlignObjective):
   fields = RL_FIELDS
   data_source = 'rollouts'
   row_fields = ('advantages',)
-
-  def __init__(self, cfg=None, align: AlignConfig | None = None):
-    super().__init__(cfg)
-    self.align = align or AlignConfig.from_config(cfg)
-    self.needs_reference = self.wants_reference(self.align)
 
   @classmethod
   def wants_reference(cls, align) -> bool:

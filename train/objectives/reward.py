@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from model import heads
-from train.align_config import AlignConfig
-from train.objectives.base import Objective, register
+from train.objectives.base import AlignObjective, register
 
 REWARD_FIELDS = ('tokens', 'loss_mask', 'rejected_tokens', 'rejected_loss_mask', 'pair', 'score',
                  'margin')
@@ -46,15 +45,11 @@ def pair_rewards(forward, batch) -> tuple[jax.Array, jax.Array]:
 
 
 @register('reward')
-class RewardModel(Objective):
+class RewardModel(AlignObjective):
   fields = REWARD_FIELDS
   data_source = 'preference'
   rows_per_example = 2
   row_fields = ('pair', 'score', 'margin')
-
-  def __init__(self, cfg=None, align: AlignConfig | None = None):
-    super().__init__(cfg)
-    self.align = align or AlignConfig.from_config(cfg)
 
   def _terms(self, forward, batch):
     rc, rr = pair_rewards(forward, batch)
