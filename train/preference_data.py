@@ -55,8 +55,12 @@ def _number(rec: dict, key: str, where: str, default=None) -> float:
   return float(v)
 
 
-def response_segments(prompt: Any, response: Any, tok, chat, where: str) -> Segments:
-  """(ids, trained) of one prompt + response; only the response is trained."""
+def response_segments(prompt: Any, response: Any, tok, chat, where: str,
+                      allow_empty: bool = False) -> Segments:
+  """(ids, trained) of one prompt + response; only the response is trained. `allow_empty`: an
+  empty string response is the prompt then EOS (a sample that stopped at once, when scoring)."""
+  if isinstance(prompt, str) and allow_empty and response == '' and prompt:
+    return [([tok.doc_start_id] + tok.encode(prompt), False), ([tok.eos_id], True)]
   if isinstance(prompt, str):
     if not isinstance(response, str) or not response.strip():
       raise ValueError(f'{where}: a response to a string prompt must be a non-empty string, '

@@ -62,7 +62,8 @@ class RewardScorer:
   def ids(self, prompt: Any, completion: Any) -> list[int]:
     """The tokens a (prompt, completion) is read as, cut to `max_len` (start kept)."""
     from train.preference_data import response_segments
-    segs = response_segments(prompt, completion, self.tokenizer, self.chat, 'reward input')
+    segs = response_segments(prompt, completion, self.tokenizer, self.chat, 'reward input',
+                             allow_empty=True)
     return [t for s, _ in segs for t in s][:self.max_len]
 
   def score(self, pairs: Sequence[tuple[Any, Any]]) -> np.ndarray:

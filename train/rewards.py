@@ -72,7 +72,18 @@ class RewardModelScorer:
     self.model = RewardScorer.from_workdir(workdir)
 
   def __call__(self, prompts, completions):
-    return [float(x) for x in self.model.score(list(zip(prompts, completions)))], []
+    ok, failures = [], []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+      try:
+        self.model.ids(p, c)
+        ok.append(i)
+      except ValueError as e:   # This sample cannot be read as a response: it alone fails.
+        failures.append(Failure(i, str(e)))
+    scores: list = [None] * len(prompts)
+    values = self.model.score([(prompts[i], completions[i]) for i in ok]) if ok else []
+    for i, v in zip(ok, values):
+      scores[i] = float(v)
+    return scores, failures
 
 
 class LogprobScorer:

@@ -132,3 +132,18 @@ def test_reward_on_8_devices_equals_1_device():
       assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), k
   for a, b in zip(jax.tree.leaves(eight[1]), jax.tree.leaves(one[1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_an_empty_sample_is_scored_and_an_unreadable_one_fails_alone(trained_workdir,
+                                                                     preference_files, tmp_path):
+  """A sample that stopped at once reads as prompt + EOS; one that cannot be a response at all
+  fails that sample (logged by best-of-N), never the batch."""
+  workdir = str(tmp_path / 'rm')
+  trainer.train(_cfg(trained_workdir[0], preference_files, steps=1, eval_every=1,
+                     checkpoint_every=1), workdir, log=lambda *_: None)
+  from train import rewards
+  score = rewards.make_scorer(f'reward:{workdir}')
+  scores, failures = score(['def f(x):\n', 'def g(x):\n', 'def h(x):\n'],
+                           ['', '    return x\n', ['not', 'text']])
+  assert scores[0] is not None and scores[1] is not None and scores[2] is None
+  assert [f.index for f in failures] == [2]

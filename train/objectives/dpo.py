@@ -14,8 +14,9 @@ completion and d = r_chosen - r_rejected (`config.align`, train/align_config.py)
 
 Metrics follow TRL's names: rewards/chosen = β r_chosen, rewards/rejected, rewards/margins,
 rewards/accuracies (chosen reward above rejected), logps/chosen and logps/rejected, and `kl`,
-the mean log-ratio of the policy to the reference over both completions per token (an
-estimate of KL(pi || pi_ref) on the data's completions, 0 at the start).
+the implicit KL: the mean per-token log-ratio log pi - log pi_ref over both completions (0 at the
+start). It is measured on the data's completions, not on samples of pi, so it is not a true
+divergence and goes negative when DPO moves probability off both responses.
 
 The reference is the run's frozen copy of `train.init_from`, or with a PEFT method the same
 weights with the adapters switched off (LoRA-DPO: no second copy); train/step.py supplies it as
