@@ -125,6 +125,9 @@ def export_hf(src: str, out: str, family: str, *, dtype: str, max_shard_size: st
   if peft_run.config_of(cfg).active:   # Adapters (+ a quantized base) merged into plain weights.
     reader = MergedReader(src, step, log)
 
+  if model_cfg.heads:   # model/heads.py: not part of a causal LM checkpoint.
+    log(f'note: the scalar head(s) {", ".join(model_cfg.heads)} are not exported: {out} holds '
+        'the decoder as a causal LM')
   plan = hf_weights.hf_plan(model_cfg)
   for leaf in hf_weights.leaves(model_cfg):
     got = reader.shape(('params',) + leaf.path)
