@@ -31,7 +31,8 @@ setup(
         'serve': [*SERVE],
         'eval': [*EVAL],
         # openai: the client the server is tested against; scikit-learn: the kappa reference;
-        # psutil: the sandbox tests look for leftover processes; trl: the SFT loss reference;
+        # psutil: the sandbox tests look for leftover processes; trl: the SFT, DPO, reward-model
+        # and GRPO loss references (and datasets, which its trainers take);
         # peft: LoRA adapter interop.
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'nbformat>=5.10', 'nbclient>=0.10', 'matplotlib',
                  'ipykernel>=6.29', 'openai>=1.0', 'scikit-learn', 'psutil', 'trl', 'peft'] + SERVE + EVAL,
