@@ -23,6 +23,13 @@ from train.align_config import AlignConfig  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+  """TRL's trainers and datasets never reach the network here."""
+  monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+
+
 def _perturbed_copy(src, dst, scale=0.02, seed=1):
   """An HF checkpoint beside `src` with every weight moved a little: a reference model that is
   not the policy, so the DPO loss is not log 2."""
@@ -74,9 +81,7 @@ def dpo_models(tmp_path_factory):
 
 
 @pytest.mark.parametrize('loss_type', ['sigmoid', 'ipo', 'hinge'])
-def test_dpo_loss_equals_trls_dpo_trainer(dpo_models, monkeypatch, loss_type):
-  monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
-  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+def test_dpo_loss_equals_trls_dpo_trainer(dpo_models, loss_type):
   src, ref_src, policy, reference, tmp = dpo_models
   from train.objectives.dpo import DirectPreference
   from train.step import ModelForward, ReferenceForward
@@ -131,11 +136,9 @@ def test_dpo_variants_equal_the_papers_equations():
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
 
 
-def test_reward_loss_equals_trls_reward_trainer(tmp_path, monkeypatch):
+def test_reward_loss_equals_trls_reward_trainer(tmp_path):
   """A transformers LlamaForSequenceClassification and its palmax conversion (the `score`
   weight becomes the reward head) give TRL's RewardTrainer loss on the same pairs."""
-  monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
-  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
   from train.objectives.reward import RewardModel
   from train.step import ModelForward
   src = _hf_dir(tmp_path / 'hf', 'llama', dtype=torch.float32)
@@ -189,12 +192,10 @@ def test_reward_loss_equals_trls_reward_trainer(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('loss_type,eps_high,kl_importance', [
     ('grpo', 0.0, True), ('bnpo', 0.28, True), ('dr_grpo', 0.0, False)])
-def test_grpo_loss_equals_trls_grpo_trainer(dpo_models, monkeypatch, loss_type, eps_high,
+def test_grpo_loss_equals_trls_grpo_trainer(dpo_models, loss_type, eps_high,
                                             kl_importance):
   """TRL's GRPOTrainer loss on the same sampled completions, advantages, sampling-time
   log-probs and reference model (k3 KL, clipped ratio), within 1e-6."""
-  monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
-  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
   src, ref_src, policy, reference, tmp = dpo_models
   from train.objectives.grpo import GroupRelativePolicy
   from train.step import ModelForward, ReferenceForward
