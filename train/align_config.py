@@ -20,6 +20,21 @@ and the RL objectives that follow them). Defaults live here; configs/base.py cop
                    pi_old, so this makes the KL estimate unbiased for pi (TRL's
                    use_bias_correction_kl, its default)
   max_completion_len  generated tokens per sample (dr_grpo's constant normaliser)
+
+RL's rollouts (train/rl/, data.source='rollouts'):
+  reward           what scores a sample (train/rewards.py): 'rule:NAME' (e.g. exact_match,
+                   parses, passes), 'reward:WORKDIR' (a reward model), 'judge:WORKDIR[:RUBRIC]'
+                   (RLAIF)
+  reward_timeout_s a rule running longer fails that sample (logged), not the run
+  group_size       samples per prompt (GRPO's G; train.batch_size counts samples)
+  temperature      sampling temperature of the rollouts; log-probs are of logits / temperature
+  advantage        group (reward minus its group's mean, over the group's std: GRPO) | center
+                   (minus the mean only: Dr. GRPO) | rloo (minus the mean of the other samples:
+                   Ahmadian et al. 2024); PPO uses GAE on its value head instead
+  updates_per_rollout  optimizer steps on each rollout batch (TRL's num_iterations; the ratio
+                   and its clip matter only past the first)
+  vf_coef, vf_clip PPO's value-loss weight and the clip of the value change (Schulman 2017)
+  gamma, gae_lambda  PPO's discount and GAE's lambda (Schulman et al. 2016)
 """
 from __future__ import annotations
 
@@ -28,6 +43,7 @@ from typing import Any
 
 DPO_LOSSES = ('sigmoid', 'ipo', 'hinge', 'simpo')
 RL_LOSSES = ('grpo', 'bnpo', 'dr_grpo')
+ADVANTAGES = ('group', 'center', 'rloo')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +59,16 @@ class AlignConfig:
   kl_coef: float = 0.04
   kl_importance: bool = True
   max_completion_len: int = 64
+  reward: str = 'rule:exact_match'
+  reward_timeout_s: float = 10.0
+  group_size: int = 8
+  temperature: float = 1.0
+  advantage: str = 'group'
+  updates_per_rollout: int = 1
+  vf_coef: float = 0.1
+  vf_clip: float = 0.2
+  gamma: float = 1.0
+  gae_lambda: float = 0.95
 
   @classmethod
   def from_config(cls, cfg: Any) -> 'AlignConfig':

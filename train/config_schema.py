@@ -18,12 +18,12 @@ from model.config import ModelConfig
 from model.config_rules import (BOOL, ConfigError, Rule, choice, closest_key, nonneg_int, number,
                                 positive_int)
 from train import corpus, objectives, tokenizer
-from train.align_config import DPO_LOSSES, RL_LOSSES
+from train.align_config import ADVANTAGES, DPO_LOSSES, RL_LOSSES
 
 SEED = nonneg_int()
 
 DATA_RULES = {
-    'source': choice(corpus.SOURCES + ('sft', 'preference')),
+    'source': choice(corpus.SOURCES + ('sft', 'preference', 'rollouts')),
     'paths': Rule('strs', note='files or globs, for source text or jsonl'),
     'text_key': Rule('str', lo=1),
     'tfds_name': Rule('str', note='required for source tfds'),
@@ -127,6 +127,11 @@ ALIGN_RULES = {   # train/align_config.py says what each means.
     'clip_eps_high': number(ge=0, note='0 = clip_eps'), 'kl_coef': number(ge=0, note='0 = off'),
     'kl_importance': BOOL,
     'max_completion_len': positive_int(),
+    'reward': Rule('str', lo=1, note="'rule:NAME', 'reward:WORKDIR' or 'judge:WORKDIR[:RUBRIC]'"),
+    'reward_timeout_s': number(gt=0), 'group_size': positive_int(),
+    'temperature': number(gt=0, le=2), 'advantage': choice(ADVANTAGES),
+    'updates_per_rollout': positive_int(), 'vf_coef': number(ge=0), 'vf_clip': number(gt=0),
+    'gamma': number(gt=0, le=1), 'gae_lambda': number(ge=0, le=1),
 }
 PEFT_RULES = {
     'method': Rule('str', note="'' (full fine-tuning), lora, adapter or prompt"),
@@ -244,11 +249,11 @@ def _cross_checks(cfg: Any, model_cfg: ModelConfig) -> None:
   """Consistency between fields that needs no device mesh."""
   t, data, mesh, sample = (cfg[k] for k in ('train', 'data', 'mesh', 'sample'))
   objective = objectives.get(t['objective'])   # One line naming the registered ones if unknown.
-  records = data['source'] if data['source'] in ('sft', 'preference') else ''
+  records = data['source'] if data['source'] in ('sft', 'preference', 'rollouts') else ''
   if objective.data_source != records:
     need = {'': 'a text corpus (stdlib, text, jsonl, tfds)', 'sft': "data.source='sft'",
             'preference': "data.source='preference'",
-            'rollouts': 'batches sampled from the policy by an RL loop, not a data source'}
+            'rollouts': "data.source='rollouts' (samples of the policy itself, train/rl/)"}
     raise ConfigError(f"config.data.source={data['source']!r} with config.train.objective="
                       f"{t['objective']!r}: the objective needs {need[objective.data_source]}")
   _check_align(cfg, model_cfg, objective)
@@ -306,7 +311,10 @@ def _check_align(cfg: Any, model_cfg: ModelConfig, objective) -> None:
     raise ConfigError("config.train.objective='reward' needs config.model.heads to include "
                       "'reward' (the scalar head, model/heads.py); configs/reward.py sets it")
   align = cfg['align'] if 'align' in _keys(cfg) else None
-  if not objective.wants_reference(AlignConfig.from_config({'align': align} if align else None)):
+  a = AlignConfig.from_config({'align': align} if align else None)
+  if objective.data_source == 'rollouts':
+    _check_rollouts(cfg, model_cfg, a)
+  if not objective.wants_reference(a):
     return
   method = cfg['peft']['method'] if 'peft' in _keys(cfg) else ''
   if not t['init_from']:
@@ -318,6 +326,31 @@ def _check_align(cfg: Any, model_cfg: ModelConfig, objective) -> None:
   if cfg['pipeline'].get('stages'):
     raise ConfigError(f'config.train.objective={name!r} needs an unpipelined model '
                       '(config.pipeline.stages=0)')
+
+
+def _check_rollouts(cfg: Any, model_cfg: ModelConfig, a) -> None:
+  """What an RL run (train/rl/) needs: whole groups per batch, a known reward, room to sample."""
+  from train import rewards
+  t, name = cfg['train'], cfg['train']['objective']
+  if t['batch_size'] % a.group_size:
+    raise ConfigError(f'config.train.batch_size={t["batch_size"]} (samples per step) is not '
+                      f'divisible by config.align.group_size={a.group_size} (samples per prompt)')
+  if a.group_size < 2 and name != 'ppo':
+    raise ConfigError(f'config.align.group_size={a.group_size}: a group-relative advantage '
+                      'needs at least 2 samples per prompt')
+  try:
+    rewards.check_spec(a.reward)
+  except ValueError as e:
+    raise ConfigError(f'config.align.reward: {e}') from None
+  if name == 'ppo' and 'value' not in model_cfg.heads:
+    raise ConfigError("config.train.objective='ppo' needs config.model.heads to include "
+                      "'value' (the value head, model/heads.py); configs/ppo.py sets it")
+  if cfg['pipeline'].get('stages'):
+    raise ConfigError(f'config.train.objective={name!r} samples through the serving engine, '
+                      'which needs an unpipelined model (config.pipeline.stages=0)')
+  if cfg['data']['seq_len'] < 8:
+    raise ConfigError(f'config.data.seq_len={cfg["data"]["seq_len"]} leaves no room for a '
+                      'prompt and its completion')
 
 
 def _check_peft(cfg: Any) -> None:

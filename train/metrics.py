@@ -131,7 +131,7 @@ def format_duration(seconds: float) -> str:
 
 # Objective metrics worth a place on the progress line (preference and reward objectives).
 _SHOWN = (('rewards/accuracies', 'acc'), ('accuracy', 'acc'), ('rewards/margins', 'margin'),
-          ('kl', 'kl'))
+          ('kl', 'kl'), ('reward', 'reward'))
 
 
 def progress_line(step: int, total: int, m: dict, eta_s: float) -> str:

@@ -16,11 +16,12 @@ import concurrent.futures
 import dataclasses
 from typing import Callable, Sequence
 
-RULES: dict[str, Callable[[str, str], float]] = {}
+RULES: dict[str, Callable[..., float]] = {}
 
 
 def rule(name: str):
-  """Decorator: registers `fn(prompt, completion) -> float` as the rule `name`."""
+  """Decorator: registers `fn(prompt, completion, reference=None) -> float` as the rule `name`
+  (`reference`: the prompt's own answer or tests, when its records carry one)."""
   def add(fn):
     if name in RULES and RULES[name] is not fn:
       raise ValueError(f'reward rule {name!r} is registered twice')
@@ -30,12 +31,34 @@ def rule(name: str):
 
 
 @rule('parses')
-def parses(prompt: str, completion: str) -> float:
+def parses(prompt: str, completion: str, reference=None) -> float:
   """1.0 if the completion is a valid function body: the stdlib function task's own metric
   (train/evaluation/metrics.py)."""
   from train.evaluation.metrics import parses_as_body
-  del prompt
+  del prompt, reference
   return parses_as_body(completion)
+
+
+@rule('exact_match')
+def exact_match(prompt: str, completion: str, reference=None) -> float:
+  """1.0 if the completion's answer (the text itself, else its last number) equals the
+  reference: the arithmetic task's metric (DeepSeek-R1's accuracy reward)."""
+  from train.evaluation.metrics import extract_answer, exact_match as match
+  del prompt
+  if reference is None:
+    raise ValueError('exact_match needs the prompt\'s reference answer ("answer" in its record)')
+  refs = [str(reference)]
+  return max(match(completion, refs), match(extract_answer(completion, ('last_number',)), refs))
+
+
+@rule('passes')
+def passes(prompt: str, completion: str, reference=None) -> float:
+  """1.0 if prompt + completion, followed by the reference's tests, runs clean in the sandbox
+  (train/evaluation/sandbox.py: its own process, time and memory limits, no network)."""
+  from train.evaluation import sandbox
+  if reference is None:
+    raise ValueError('passes needs the prompt\'s tests ("answer" in its record)')
+  return float(sandbox.run_program(f'{prompt}{completion}\n\n{reference}\n').passed)
 
 
 @dataclasses.dataclass
@@ -51,8 +74,13 @@ class RuleScorer:
     self.fn, self.timeout_s = fn, timeout_s
     self._pool = concurrent.futures.ThreadPoolExecutor(workers)
 
-  def __call__(self, prompts: Sequence[str], completions: Sequence[str]):
-    futures = [self._pool.submit(self.fn, p, c) for p, c in zip(prompts, completions)]
+  def __call__(self, prompts: Sequence[str], completions: Sequence[str],
+               references: Sequence | None = None):
+    if references is None:
+      futures = [self._pool.submit(self.fn, p, c) for p, c in zip(prompts, completions)]
+    else:
+      futures = [self._pool.submit(self.fn, p, c, r)
+                 for p, c, r in zip(prompts, completions, references)]
     scores, failures = [], []
     for i, f in enumerate(futures):
       try:
@@ -71,7 +99,8 @@ class RewardModelScorer:
     from train.reward_scorer import RewardScorer
     self.model = RewardScorer.from_workdir(workdir)
 
-  def __call__(self, prompts, completions):
+  def __call__(self, prompts, completions, references=None):
+    del references   # A reward model judges the response alone.
     ok, failures = [], []
     for i, (p, c) in enumerate(zip(prompts, completions)):
       try:
@@ -93,7 +122,8 @@ class LogprobScorer:
   def __init__(self, policy):
     self.policy = policy
 
-  def __call__(self, prompts, completions):
+  def __call__(self, prompts, completions, references=None):
+    del references
     out = self.policy.loglikelihood(list(zip(prompts, completions)))
     lengths = [max(1, len(self.policy.tokenizer.encode(c))) for c in completions]
     return [float(lp) / n for (lp, _), n in zip(out, lengths)], []
@@ -111,10 +141,23 @@ class JudgeScorer:
     self.model = PalmaxModel.load(judge_workdir)
     self.judge = autorater.Judge(self.model, autorater.RUBRICS[rubric], rationale_tokens=0)
 
-  def __call__(self, prompts, completions):
+  def __call__(self, prompts, completions, references=None):
+    del references
     verdicts = self.judge.score([{'prompt': p, 'response': c}
                                  for p, c in zip(prompts, completions)])
     return [float(v.expected) for v in verdicts], []
+
+
+def check_spec(spec: str) -> None:
+  """ValueError naming `spec` unless it names a scorer (nothing is loaded)."""
+  kind, _, arg = spec.partition(':')
+  if kind == 'rule' and arg not in RULES:
+    raise ValueError(f'{spec!r}: no reward rule {arg!r}; rules: {sorted(RULES)}')
+  if kind in ('reward', 'judge') and not arg.partition(':')[0]:
+    raise ValueError(f"{spec!r}: expected '{kind}:WORKDIR'")
+  if kind not in ('rule', 'reward', 'judge', 'logprob') or (kind == 'logprob' and arg):
+    raise ValueError(f"{spec!r}: expected 'rule:NAME', 'reward:WORKDIR', "
+                     "'judge:WORKDIR[:RUBRIC]' or 'logprob'")
 
 
 def make_scorer(spec: str, policy=None, timeout_s: float = 10.0):

@@ -66,6 +66,15 @@ class Run:
   resumed: bool
   peft_base: dict | None = None   # An adapter-only run's base: {'workdir', 'step', 'digest'}.
   reference: dict | None = None   # A full-weight reference's {'workdir', 'step', 'digest'}.
+  policy: Any = None              # RL: the policy sampling each step's batch (train/rl/).
+
+  def next_batch(self, state: dict, log=print) -> dict:
+    """The next training batch as sharded global arrays: the data's next rows, or (RL) rows
+    the policy samples now with `state`'s parameters."""
+    if self.policy is None:
+      return self.batch(next(self.data.train), global_rows=self.cfg.train.batch_size)
+    self.policy.set_params(state['params'])
+    return self.batch(self.data.train.next_rows(self.policy, log))
 
   @property
   def step(self) -> int:
@@ -168,6 +177,8 @@ def build(cfg, workdir: str, log=print) -> Run:
       from train.sft_data import build_sft_data as build
     elif cfg.data.source == 'preference':   # Pairs, rankings, scores (reward model, DPO).
       from train.preference_data import build_preference_data as build
+    elif cfg.data.source == 'rollouts':   # Prompts; the policy samples the rest (RL).
+      from train.rl.rollouts import build_rollout_data as build
     data = build(cfg, workdir, *sharding.process_rows(batch_sh, t.batch_size), resume=record,
                  resume_from=where)
     if data.tokenizer.vocab_size > model_cfg.vocab_size:
@@ -214,7 +225,15 @@ def build(cfg, workdir: str, log=print) -> Run:
                       in_shardings=(spec.param_shardings, dict(fields_sh, loss_mask=batch_sh),
                                     None, ref_sh),
                       out_shardings=replicated)
+  policy = None
+  if objective.data_source == 'rollouts':
+    from model.inference.serve_config import ServeConfig
+    from train.rl.policy import Policy
+    policy = Policy(spec.graphdef, model_cfg, ServeConfig.from_dict(cfg.get('serve') or {}),
+                    data.tokenizer, mesh=mesh, rules=rules, temperature=objective.align.temperature,
+                    ref_params=ref_params, use_reference=objective.needs_reference,
+                    values=getattr(objective, 'per_token_advantages', False), namespace=workdir)
   return Run(cfg, workdir, model_cfg, mesh, rules, pipe, objective, spec, ckpt, data, state, total,
              lambda state, batch: train_step(state, batch, ref_params),
              lambda params, batch: eval_step(params, batch, None, ref_params),
-             batch_sh, record is not None, peft_base if adapter_only else None, ref_entry)
+             batch_sh, record is not None, peft_base if adapter_only else None, ref_entry, policy)

@@ -2,6 +2,9 @@
 
   stdlib_functions   a stdlib function's signature + docstring -> its body
                      ({"prompt": "def f(x):\\n    \\"\\"\\"Doc.\\"\\"\\"\\n", "completion": body})
+  arithmetic         {"prompt": "What is 347 + 58?\\n", "completion": "405"}: the evaluation
+                     task's questions (3-digit +/- 2-digit, 2-digit x 1-digit), none of its
+                     200 test questions; the verifiable task RL trains on (configs/grpo.py)
 
 Splits are disjoint by source file (a file's split comes from a hash of its path: ~80% train,
 10% validation, 10% test), so no function's module-mates leak into its split. The evaluation
@@ -66,4 +69,28 @@ def stdlib_functions(split: str, max_chars: int = 800) -> list[dict]:
   return [dict(rec) for s, rec in _functions(max_chars) if s == split]
 
 
-SFT_TASKS = {'stdlib_functions': stdlib_functions}
+ARITHMETIC_SIZES = {'train': 20000, 'validation': 256, 'test': 200}
+
+
+def arithmetic(split: str) -> list[dict]:
+  """The split's records (module docstring), each with its "answer" (RL's reference). Train
+  and validation are drawn from their own seeds and never ask a test question; the test split
+  is the evaluation task's (`arithmetic_sft`, train/evaluation/bundled_tasks.py)."""
+  from train.evaluation import bundled_tasks
+  if split not in SPLITS:
+    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+  test = bundled_tasks.arithmetic_examples('test')
+  if split == 'test':
+    examples = test
+  else:
+    held_out, examples = {e['query'] for e in test}, []
+    rng = bundled_tasks._rng('arithmetic_sft', split)   # pylint: disable=protected-access
+    while len(examples) < ARITHMETIC_SIZES[split]:
+      e = bundled_tasks.arith_example(rng)
+      if e['query'] not in held_out:
+        examples.append(e)
+  return [{'prompt': e['query'] + '\n', 'completion': e['answer'], 'answer': e['answer']}
+          for e in examples]
+
+
+SFT_TASKS = {'stdlib_functions': stdlib_functions, 'arithmetic': arithmetic}

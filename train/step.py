@@ -83,6 +83,10 @@ class ModelForward:
     self.moe_auxes.append(moe_aux)
     return x_BTD
 
+  def logits(self, x_BTD):
+    """logits_BTV of hidden states from `hidden` (the output projection, as `__call__`)."""
+    return self.model.embedder.decode(x_BTD)
+
   def score(self, x_BTD, name: str):
     """s_BT (float32): scalar head `name` at every position."""
     from model import heads

@@ -116,6 +116,8 @@ def loop(run: run_lib.Run, log=print, stop_after: int | None = None) -> RunResul
   writer = metrics_lib.MetricsWriter(run.workdir, tensorboard=t.tensorboard)
 
   def evaluate(params) -> dict:
+    if not data.val:   # RL has no held-out loss: its evaluation is config.train.eval_tasks.
+      return {}
     totals: dict[str, float] = {}
     for tokens, weights in data.val:  # Already capped at config.train.eval_batches.
       for k, v in jax.device_get(run.eval_step(params, run.batch(tokens, weights))).items():
@@ -145,9 +147,10 @@ def loop(run: run_lib.Run, log=print, stop_after: int | None = None) -> RunResul
   try:
     with sharding.use_mesh(run.mesh, run.rules), pipeline.use_pipeline(pipe), _StopFlag() as stop:
       while step < t.steps:
-        state, m = run.train_step(state, run.batch(next(data.train), global_rows=t.batch_size))
+        state, m = run.train_step(state, run.next_batch(state, log))
         step += 1
         m = metrics_lib.flatten(jax.device_get(m))  # Per-layer MoE arrays -> scalars.
+        m.update(getattr(data.train, 'metrics', {}))   # RL: the rollout's rewards.
         failpoints.reach('step')
         if not m['finite']:
           if t.nan_policy == 'stop':
@@ -181,9 +184,10 @@ def loop(run: run_lib.Run, log=print, stop_after: int | None = None) -> RunResul
           history.append(dict(m, step=step))
         if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
           last_eval = evaluate(state['params'])
-          writer.write(step, last_eval)
-          history.append(dict(last_eval, step=step))
-          log(f'eval @ {step}: ' + metrics_lib.eval_line(last_eval))
+          if last_eval:
+            writer.write(step, last_eval)
+            history.append(dict(last_eval, step=step))
+            log(f'eval @ {step}: ' + metrics_lib.eval_line(last_eval))
           if tasks is not None:
             scores = tasks(state['params'], step, log=lambda line: log(f'eval @ {step}: {line}'))
             writer.write(step, scores)

@@ -8,6 +8,8 @@
   stdlib_code       code             a stdlib function's body from its signature and docstring,
                                      checked by the docstring's own doctests (pass@k)
   stdlib_ppl        perplexity       bits per byte over the stdlib files the quickstart holds out
+  arithmetic_sft    generate         the arithmetic SFT task's format ("What is 37 + 48?\\n" -> "85")
+                                     on the same 200 test questions: what an SFT or RL run measures
   stdlib_functions  generate         the SFT task's test split (train/sft_tasks.py): a body from
                                      signature + docstring (parses, exact code, ROUGE-L)
 
@@ -32,7 +34,7 @@ def _rng(*key) -> np.random.Generator:
 
 # ---- arithmetic ------------------------------------------------------------------------------
 
-def _arith_example(rng: np.random.Generator) -> dict:
+def arith_example(rng: np.random.Generator) -> dict:
   op = rng.choice(['+', '-', '*'])
   if op == '*':
     a, b = int(rng.integers(12, 100)), int(rng.integers(2, 10))
@@ -52,13 +54,27 @@ def _arith_example(rng: np.random.Generator) -> dict:
 def arithmetic_examples(split: str) -> list[dict]:
   rng = _rng('arithmetic', split)
   n = 200 if split == 'test' else 64
-  return [dict(_arith_example(rng), id=f'arithmetic/{split}/{i}') for i in range(n)]
+  return [dict(arith_example(rng), id=f'arithmetic/{split}/{i}') for i in range(n)]
 
 
 register(Task('arithmetic', 'generate', arithmetic_examples, metrics=('exact_match',),
               answer_patterns=(r'[Tt]he answer is\s*(-?\d[\d,]*)', 'last_number'),
               max_tokens=8, cot_max_tokens=64,
               notes='exact match of the extracted number'))
+
+
+def arithmetic_sft_examples(split: str) -> list[dict]:
+  """The 200 test questions as the arithmetic SFT task (train/sft_tasks.py) asks them; its
+  validation split is the pool for k-shot examples."""
+  from train import sft_tasks
+  recs = sft_tasks.arithmetic('validation' if split == 'train' else 'test')
+  return [{'id': f'arithmetic_sft/{split}/{i}', 'query': r['prompt'], 'answer': r['answer']}
+          for i, r in enumerate(recs)]
+
+
+register(Task('arithmetic_sft', 'generate', arithmetic_sft_examples, metrics=('exact_match',),
+              query_prefix='', answer_prefix='', answer_separator='', example_separator='\n',
+              max_tokens=8, heal=False, notes='the SFT format: question line, then the number'))
 
 
 # ---- the standard library ------------------------------------------------------------------

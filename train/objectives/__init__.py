@@ -10,5 +10,6 @@ from train.objectives import sft  # noqa: E402  (registers 'sft')
 from train.objectives import reward  # noqa: E402  (registers 'reward')
 from train.objectives import dpo  # noqa: E402  (registers 'dpo')
 from train.objectives import grpo  # noqa: E402  (registers 'grpo')
+from train.objectives import ppo  # noqa: E402  (registers 'ppo')
 
-__all__ = ['OBJECTIVES', 'Objective', 'get', 'register', 'lm', 'sft', 'reward', 'dpo', 'grpo']
+__all__ = ['OBJECTIVES', 'Objective', 'get', 'register', 'lm', 'sft', 'reward', 'dpo', 'grpo', 'ppo']

@@ -2,11 +2,14 @@
 completions: PPO's clipped surrogate with advantages relative to each prompt's group of samples,
 and a per-token KL penalty to a frozen reference, no value model.
 
-Batch (built by the rollout stage, train/rl/): one sampled completion per row,
+Batch (built by the rollout stage, train/rl/rollouts.py): one sampled completion per row,
   tokens      int32 [B, T+1]  prompt then completion, padded after
   loss_mask   float32 [B, T]  1 on the completion's targets
   old_logps   float32 [B, T]  log-probs of those targets under the policy that sampled them
-  advantages  float32 [B]     (r - mean of its group) / (std of its group + eps)
+  advantages  float32 [B]     (r - mean of its group) / (std of its group + eps), or the
+                              Dr. GRPO / RLOO variants (config.align.advantage)
+
+Log-probs are of logits / config.align.temperature, the distribution the rollouts sampled.
 
 Per completion token, with ratio ρ = exp(log π - log π_old) and A the row's advantage
 (`config.align`, train/align_config.py):
@@ -72,14 +75,15 @@ class GroupRelativePolicy(AlignObjective):
   def loss(self, forward, batch):
     a = self.align
     tokens, mask = batch['tokens'], batch['loss_mask'].astype(jnp.float32)
-    logp_BT, entropy_BT = token_logps(forward(tokens[:, :-1]), tokens[:, 1:], mask)
+    logp_BT, entropy_BT = token_logps(forward(tokens[:, :-1]) / a.temperature, tokens[:, 1:], mask)
     surrogate_BT, clipped_BT, ratio_BT = clipped_surrogate(logp_BT, batch['old_logps'], batch['advantages'],
                                                  a.clip_eps, a.clip_eps_high or a.clip_eps)
     per_token = surrogate_BT
     n = jnp.maximum(jnp.sum(mask), 1.0)
     metrics = {}
     if self.needs_reference:
-      ref_BT, _ = token_logps(forward.reference(tokens[:, :-1]), tokens[:, 1:], mask)
+      ref_BT, _ = token_logps(forward.reference(tokens[:, :-1]) / a.temperature, tokens[:, 1:],
+                              mask)
       kl_BT = k3(logp_BT, ref_BT)
       if a.kl_importance:   # Sampled from pi_old: importance-weight the estimate to pi.
         kl_BT = kl_BT * ratio_BT
