@@ -190,12 +190,13 @@ def test_reward_loss_equals_trls_reward_trainer(tmp_path):
   assert float(metrics['margin']) == pytest.approx(logged['margin'][-1], abs=1e-5)
 
 
-@pytest.mark.parametrize('loss_type,eps_high,kl_importance', [
-    ('grpo', 0.0, True), ('bnpo', 0.28, True), ('dr_grpo', 0.0, False)])
+@pytest.mark.parametrize('loss_type,eps_high,kl_importance,temperature', [
+    ('grpo', 0.0, True, 1.0), ('bnpo', 0.28, True, 0.7), ('dr_grpo', 0.0, False, 1.0)])
 def test_grpo_loss_equals_trls_grpo_trainer(dpo_models, loss_type, eps_high,
-                                            kl_importance):
+                                            kl_importance, temperature):
   """TRL's GRPOTrainer loss on the same sampled completions, advantages, sampling-time
-  log-probs and reference model (k3 KL, clipped ratio), within 1e-6."""
+  log-probs and reference model (k3 KL, clipped ratio, log-probs at the sampling
+  temperature), within 1e-6."""
   src, ref_src, policy, reference, tmp = dpo_models
   from train.objectives.grpo import GroupRelativePolicy
   from train.step import ModelForward, ReferenceForward
@@ -207,7 +208,7 @@ def test_grpo_loss_equals_trls_grpo_trainer(dpo_models, loss_type, eps_high,
                         bf16=False, beta=0.04, loss_type=loss_type, epsilon=0.2,
                         epsilon_high=eps_high or 0.2, num_generations=2,
                         per_device_train_batch_size=2, max_completion_length=clen,
-                        use_bias_correction_kl=kl_importance)
+                        use_bias_correction_kl=kl_importance, temperature=temperature)
   trainer = trl.GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0] * len(
       completions), args=args, train_dataset=datasets.Dataset.from_list(
           [{'prompt': 'def f(x):'}] * 4), processing_class=tok)
@@ -220,7 +221,7 @@ def test_grpo_loss_equals_trls_grpo_trainer(dpo_models, loss_type, eps_high,
   ids = torch.cat([prompt, completion], 1)
   with torch.no_grad():
     def logps(m):
-      lp = torch.log_softmax(m(input_ids=ids).logits[:, p - 1:-1].float(), -1)
+      lp = torch.log_softmax(m(input_ids=ids).logits[:, p - 1:-1].float() / temperature, -1)
       return torch.gather(lp, 2, completion[..., None])[..., 0]
     cur, ref = logps(model), logps(ref_model)
   old = cur + 0.3 * torch.randn(b, c, generator=gen)   # Sampled a few updates ago.
@@ -239,7 +240,8 @@ def test_grpo_loss_equals_trls_grpo_trainer(dpo_models, loss_type, eps_high,
   objective = GroupRelativePolicy(None, AlignConfig(rl_loss=loss_type, clip_eps=0.2,
                                                     clip_eps_high=eps_high, kl_coef=0.04,
                                                     kl_importance=kl_importance,
-                                                    max_completion_len=clen))
+                                                    max_completion_len=clen,
+                                                    temperature=temperature))
   got, metrics = objective.loss(
       ModelForward(policy, ReferenceForward(reference, adapters_off=False)),
       {'tokens': jnp.asarray(tokens, jnp.int32), 'loss_mask': jnp.asarray(mask),

@@ -2,7 +2,6 @@
 parameters, learn a reward, log what RL runs are read by, resume exactly, and survive a rollout
 step that dies and a reward function that raises or hangs."""
 import json
-import shutil
 import time
 
 import jax
