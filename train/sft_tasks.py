@@ -2,9 +2,9 @@
 
   stdlib_functions   a stdlib function's signature + docstring -> its body
                      ({"prompt": "def f(x):\\n    \\"\\"\\"Doc.\\"\\"\\"\\n", "completion": body})
-  arithmetic         {"prompt": "What is 347 + 58?\\n", "completion": "405"}: the evaluation
-                     task's questions (3-digit +/- 2-digit, 2-digit x 1-digit), none of its
-                     200 test questions; the verifiable task RL trains on (configs/grpo.py)
+  arithmetic         {"prompt": "What is 47 + 38?\\n", "completion": "85"}: two-digit addition
+                     and subtraction; 200 distinct test questions that train and validation
+                     never ask; the verifiable task RL trains on (configs/grpo.py)
 
 Splits are disjoint by source file (a file's split comes from a hash of its path: ~80% train,
 10% validation, 10% test), so no function's module-mates leak into its split. The evaluation
@@ -72,25 +72,40 @@ def stdlib_functions(split: str, max_chars: int = 800) -> list[dict]:
 ARITHMETIC_SIZES = {'train': 20000, 'validation': 256, 'test': 200}
 
 
+def _arith_question(rng) -> tuple[str, str]:
+  """('What is 47 + 38?', '85'): two-digit operands, + or - (the larger first)."""
+  a, b = int(rng.integers(10, 100)), int(rng.integers(10, 100))
+  if rng.integers(2):
+    return f'What is {a} + {b}?', str(a + b)
+  a, b = max(a, b), min(a, b)
+  return f'What is {a} - {b}?', str(a - b)
+
+
+@functools.cache
+def _arithmetic() -> dict[str, tuple[tuple[str, str], ...]]:
+  """Test questions first (distinct), then validation and train, never asking a test question."""
+  import numpy as np
+  rng = np.random.default_rng(20261130)
+  test: dict[str, str] = {}
+  while len(test) < ARITHMETIC_SIZES['test']:
+    q, a = _arith_question(rng)
+    test.setdefault(q, a)
+  out = {'test': tuple(test.items())}
+  for split in ('validation', 'train'):
+    qs = []
+    while len(qs) < ARITHMETIC_SIZES[split]:
+      q, a = _arith_question(rng)
+      if q not in test:
+        qs.append((q, a))
+    out[split] = tuple(qs)
+  return out
+
+
 def arithmetic(split: str) -> list[dict]:
-  """The split's records (module docstring), each with its "answer" (RL's reference). Train
-  and validation are drawn from their own seeds and never ask a test question; the test split
-  is the evaluation task's (`arithmetic_sft`, train/evaluation/bundled_tasks.py)."""
-  from train.evaluation import bundled_tasks
+  """The split's records (module docstring), each with its "answer" (RL's reference)."""
   if split not in SPLITS:
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
-  test = bundled_tasks.arithmetic_examples('test')
-  if split == 'test':
-    examples = test
-  else:
-    held_out, examples = {e['query'] for e in test}, []
-    rng = bundled_tasks._rng('arithmetic_sft', split)   # pylint: disable=protected-access
-    while len(examples) < ARITHMETIC_SIZES[split]:
-      e = bundled_tasks.arith_example(rng)
-      if e['query'] not in held_out:
-        examples.append(e)
-  return [{'prompt': e['query'] + '\n', 'completion': e['answer'], 'answer': e['answer']}
-          for e in examples]
+  return [{'prompt': q + '\n', 'completion': a, 'answer': a} for q, a in _arithmetic()[split]]
 
 
 SFT_TASKS = {'stdlib_functions': stdlib_functions, 'arithmetic': arithmetic}

@@ -70,8 +70,18 @@ def filter_logits(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.A
   min-p is one more prefix length, since p_r >= min_p * p_0 <=> exp(l_r - l_0) >= min_p in the
   sorted (descending) order."""
   logits_BV = logits_BV.astype(jnp.float32)
-  v = logits_BV.shape[-1]
   logits_BV = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+  min_p_B = jnp.broadcast_to(jnp.asarray(min_p_B, jnp.float32), top_p_B.shape)
+  # Plain temperature sampling (RL rollouts) skips the sort over the vocabulary, which on
+  # XLA:CPU costs more than the rest of a small model's decode step.
+  truncating = jnp.any((top_k_B > 0) | (top_p_B < 1.0) | (min_p_B > 0))
+  return jax.lax.cond(truncating, _truncate, lambda x, *_: x, logits_BV, top_k_B, top_p_B,
+                      min_p_B)
+
+
+def _truncate(logits_BV, top_k_B, top_p_B, min_p_B):
+  """filter_logits' top-k / top-p / min-p cut of temperature-scaled logits."""
+  v = logits_BV.shape[-1]
   sorted_BV = -jnp.sort(-logits_BV, axis=-1)
   rank_1V = jnp.arange(v)[None]
   top_k_B1 = top_k_B[:, None]
@@ -82,7 +92,7 @@ def filter_logits(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.A
   n_keep_B1 = jnp.where(top_p_B[:, None] < 1.0, n_keep_B1, v)
   n_keep_B1 = jnp.where(top_k_B1 > 0, jnp.minimum(n_keep_B1, top_k_B1), n_keep_B1)
   ratio_BV = jnp.exp(sorted_BV - sorted_BV[:, :1])        # p_r / p_0, normalisation-free.
-  min_p_B1 = jnp.broadcast_to(jnp.asarray(min_p_B, jnp.float32), top_p_B.shape)[:, None]
+  min_p_B1 = min_p_B[:, None]
   n_min_p_B1 = jnp.sum(ratio_BV >= min_p_B1, axis=-1, keepdims=True)
   n_keep_B1 = jnp.where(min_p_B1 > 0, jnp.minimum(n_keep_B1, n_min_p_B1), n_keep_B1)
   cutoff_B1 = jnp.take_along_axis(sorted_BV, jnp.clip(n_keep_B1 - 1, 0, v - 1), axis=-1)

@@ -74,3 +74,19 @@ def test_bad_sampling_params_are_refused_by_name():
     SamplingParams.make(2, temperature=[-1.0, 1.0])
   with pytest.raises(ValueError, match='one value per row'):
     SamplingParams.make(2, seed=[1, 2, 3])
+
+
+def test_untruncated_rows_are_only_scaled_and_mix_with_truncated_ones():
+  """Plain temperature sampling skips the vocabulary sort (a lax.cond); a batch where one row
+  truncates gives every row what it gets alone."""
+  logits = jax.random.normal(jax.random.key(0), (3, 50)) * 3
+  temp = jnp.asarray([0.7, 1.0, 1.3])
+  off = sampler.filter_logits(logits, temp, jnp.zeros(3, jnp.int32), jnp.ones(3))
+  np.testing.assert_array_equal(off, logits / temp[:, None])
+  mixed = sampler.filter_logits(logits, temp, jnp.asarray([0, 5, 0], jnp.int32),
+                                jnp.asarray([1.0, 1.0, 0.9]))
+  for b, (k, p) in enumerate(((0, 1.0), (5, 1.0), (0, 0.9))):
+    alone = sampler.filter_logits(logits[b:b + 1], temp[b:b + 1], jnp.asarray([k], jnp.int32),
+                                  jnp.asarray([p]))
+    np.testing.assert_array_equal(mixed[b], alone[0])
+  assert int(jnp.sum(jnp.isfinite(mixed[1]))) == 5 and np.isfinite(mixed[0]).all()

@@ -8,8 +8,8 @@
   stdlib_code       code             a stdlib function's body from its signature and docstring,
                                      checked by the docstring's own doctests (pass@k)
   stdlib_ppl        perplexity       bits per byte over the stdlib files the quickstart holds out
-  arithmetic_sft    generate         the arithmetic SFT task's format ("What is 37 + 48?\\n" -> "85")
-                                     on the same 200 test questions: what an SFT or RL run measures
+  arithmetic_sft    generate         the arithmetic SFT task's test split ("What is 37 + 48?\\n" ->
+                                     "85", two-digit +/-): what an SFT or RL run on it measures
   stdlib_functions  generate         the SFT task's test split (train/sft_tasks.py): a body from
                                      signature + docstring (parses, exact code, ROUGE-L)
 
@@ -34,7 +34,7 @@ def _rng(*key) -> np.random.Generator:
 
 # ---- arithmetic ------------------------------------------------------------------------------
 
-def arith_example(rng: np.random.Generator) -> dict:
+def _arith_example(rng: np.random.Generator) -> dict:
   op = rng.choice(['+', '-', '*'])
   if op == '*':
     a, b = int(rng.integers(12, 100)), int(rng.integers(2, 10))
@@ -54,7 +54,7 @@ def arith_example(rng: np.random.Generator) -> dict:
 def arithmetic_examples(split: str) -> list[dict]:
   rng = _rng('arithmetic', split)
   n = 200 if split == 'test' else 64
-  return [dict(arith_example(rng), id=f'arithmetic/{split}/{i}') for i in range(n)]
+  return [dict(_arith_example(rng), id=f'arithmetic/{split}/{i}') for i in range(n)]
 
 
 register(Task('arithmetic', 'generate', arithmetic_examples, metrics=('exact_match',),
@@ -64,8 +64,8 @@ register(Task('arithmetic', 'generate', arithmetic_examples, metrics=('exact_mat
 
 
 def arithmetic_sft_examples(split: str) -> list[dict]:
-  """The 200 test questions as the arithmetic SFT task (train/sft_tasks.py) asks them; its
-  validation split is the pool for k-shot examples."""
+  """The arithmetic SFT task's 200 test questions (train/sft_tasks.py), asked as it asks them;
+  its validation split is the pool for k-shot examples."""
   from train import sft_tasks
   recs = sft_tasks.arithmetic('validation' if split == 'train' else 'test')
   return [{'id': f'arithmetic_sft/{split}/{i}', 'query': r['prompt'], 'answer': r['answer']}

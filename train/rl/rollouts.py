@@ -216,10 +216,13 @@ def build_rollout_data(cfg, workdir: str | None, process_index: int = 0, process
   tok, save_tokenizer, chat = sft_data.base_tokenizer(d, workdir, resume, resume_from)
   records = sft_data.load_records(d)['train']
   prompts = [prompt_of(rec, tok, chat, where) for rec, where in records]
-  fits = [p for p in prompts if len(p.ids) < d.seq_len]
+  # A prompt must leave room for a whole completion: one cut short would only teach stopping.
+  fits = [p for p in prompts if len(p.ids) + a.max_completion_len <= d.seq_len]
   if not fits:
-    raise ValueError(f'no prompt leaves room for a completion within data.seq_len={d.seq_len} '
-                     f'({len(prompts)} prompts)')
+    raise ValueError(f'no prompt leaves room for config.align.max_completion_len='
+                     f'{a.max_completion_len} tokens within data.seq_len={d.seq_len} '
+                     f'({len(prompts)} prompts, the shortest {min(len(p.ids) for p in prompts)} '
+                     'tokens)')
   scorer = rewards.make_scorer(a.reward, timeout_s=a.reward_timeout_s)
   objective = objectives.get(t.objective)
   digest = hashlib.sha256()
