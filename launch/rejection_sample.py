@@ -7,7 +7,8 @@ a reward model or the model's own log-probability; the best of each prompt whose
   python -m launch.rejection_sample --workdir=runs/tiny_sft --prompts=prompts.jsonl \
       --scorer=rule:parses --min_score=1 --out=kept.jsonl
 
-Prompts: --prompts (JSONL with "prompt") or --task (a bundled SFT task's --split). With
+Prompts: --prompts (JSONL with "prompt", and "answer" for rules that check one, e.g.
+exact_match) or --task (a bundled SFT task's --split). With
 --metric (a rule, train/rewards.py) it also prints best-of-N's value of that metric as N grows:
 N' = 1, 2, 4, ... up to --n, the best-scored of the first N' samples. --pairs_out writes
 (best, worst) pairs as preference records (train/preference_data.py): with an AI judge as the
@@ -39,22 +40,27 @@ _PAIRS_OUT = flags.DEFINE_string('pairs_out', None,
                                  'reward model (RLAIF with --scorer=judge:...).')
 
 
-def _prompts() -> list[str]:
+def _prompts() -> tuple[list[str], list]:
+  """(prompts, their references: a record's "answer", else None)."""
   if bool(_PROMPTS.value) == bool(_TASK.value):
     raise ValueError('give exactly one of --prompts (a JSONL file) or --task (a bundled task)')
   if _TASK.value:
     from train import sft_tasks
     if _TASK.value not in sft_tasks.SFT_TASKS:
       raise ValueError(f'--task={_TASK.value!r}; expected one of {sorted(sft_tasks.SFT_TASKS)}')
-    prompts = [r['prompt'] for r in sft_tasks.SFT_TASKS[_TASK.value](_SPLIT.value)]
+    recs = sft_tasks.SFT_TASKS[_TASK.value](_SPLIT.value)
+    prompts, refs = [r['prompt'] for r in recs], [r.get('answer') for r in recs]
   else:
     from train import paths
-    prompts = []
+    prompts, refs = [], []
     for rec, where in paths.read_jsonl(_PROMPTS.value, '--prompts file'):
       if not isinstance(rec, dict) or not isinstance(rec.get('prompt'), str) or not rec['prompt']:
         raise ValueError(f'{where}: expected {{"prompt": a non-empty string}}')
       prompts.append(rec['prompt'])
-  return prompts[:_LIMIT.value] if _LIMIT.value else prompts
+      refs.append(rec.get('answer'))
+  if _LIMIT.value:
+    return prompts[:_LIMIT.value], refs[:_LIMIT.value]
+  return prompts, refs
 
 
 def _stops() -> dict:
@@ -82,14 +88,15 @@ def main(argv):
     raise ValueError(f'--n and --max_tokens must be >= 1, got {_N.value} and {_MAX_TOKENS.value}')
   if _METRIC.value and _METRIC.value not in rewards.RULES:
     raise ValueError(f'--metric={_METRIC.value!r}; rules: {sorted(rewards.RULES)}')
-  prompts = _prompts()
+  prompts, refs = _prompts()
   from train.evaluation.lm import Generation, PalmaxModel
   policy = PalmaxModel.load(_WORKDIR.value)
   try:
     score = rewards.make_scorer(_SCORER.value, policy)
     gen = Generation(n=_N.value, max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
                      seed=_SEED.value, **_stops())
-    picks = best_of_n.best_of_n(policy, prompts, _N.value, score, gen)
+    picks = best_of_n.best_of_n(policy, prompts, _N.value, score, gen,
+                                references=refs if any(r is not None for r in refs) else None)
   finally:
     policy.close()
   kept = [p for p in picks if p.best is not None and

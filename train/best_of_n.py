@@ -12,7 +12,7 @@ new SFT records (`launch.rejection_sample`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 
 @dataclasses.dataclass
@@ -20,6 +20,7 @@ class Pick:
   prompt: str
   samples: list[str]
   scores: list[float | None]     # None: the scorer failed on that sample
+  reference: Any = None          # the prompt's answer or tests, for rules that read one
 
   @property
   def best_index(self) -> int | None:
@@ -38,32 +39,37 @@ class Pick:
     return None if i is None else self.scores[i]
 
 
-def best_of_n(policy, prompts: Sequence[str], n: int, score, gen, log=print) -> list[Pick]:
+def best_of_n(policy, prompts: Sequence[str], n: int, score, gen, log=print,
+              references: Sequence | None = None) -> list[Pick]:
   """`n` samples per prompt (`gen`: train/evaluation/lm.py Generation, its n is replaced),
-  scored by `score(prompts, completions) -> (scores, failures)`; failures are logged, one line
-  each, and those samples never win."""
+  scored by `score(prompts, completions, references) -> (scores, failures)` (`references`: one
+  per prompt, for rules such as exact_match); failures are logged, one line each, and those
+  samples never win."""
   if n < 1:
     raise ValueError(f'--n={n}: expected at least 1 sample per prompt')
   samples = policy.generate(list(prompts), dataclasses.replace(gen, n=n))
   flat_p = [p for p, ss in zip(prompts, samples) for _ in ss]
   flat_c = [c for ss in samples for c in ss]
-  scores, failures = score(flat_p, flat_c)
+  refs = None if references is None else [r for r, ss in zip(references, samples) for _ in ss]
+  scores, failures = score(flat_p, flat_c, refs)
   for f in failures:
     log(f'scoring failed for prompt {f.index // n} sample {f.index % n}: {f.reason}')
-  return [Pick(p, list(ss), list(scores[i * n:(i + 1) * n]))
+  return [Pick(p, list(ss), list(scores[i * n:(i + 1) * n]),
+               None if references is None else references[i])
           for i, (p, ss) in enumerate(zip(prompts, samples))]
 
 
-def curve(picks: Sequence[Pick], metric: Callable[[str, str], float]) -> list[tuple[int, float]]:
+def curve(picks: Sequence[Pick], metric: Callable[..., float]) -> list[tuple[int, float]]:
   """[(N', mean metric of the best-scored among the first N' samples)] for N' = 1, 2, 4, ...
-  up to the samples drawn (the best scored, not the best by the metric: what best-of-N gets)."""
+  up to the samples drawn (the best scored, not the best by the metric: what best-of-N gets).
+  `metric(prompt, completion, reference)` is a rule (train/rewards.py)."""
   n = min(len(p.samples) for p in picks)
   out, k = [], 1
   while k <= n:
     values = []
     for p in picks:
       head = Pick(p.prompt, p.samples[:k], p.scores[:k])
-      values.append(metric(p.prompt, head.best) if head.best is not None else 0.0)
+      values.append(metric(p.prompt, head.best, p.reference) if head.best is not None else 0.0)
     out.append((k, sum(values) / max(len(values), 1)))
     k *= 2
   return out

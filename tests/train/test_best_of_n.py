@@ -33,6 +33,19 @@ def test_best_is_the_highest_score_and_the_curve_rises_with_n():
   assert best_of_n.curve(picks, rewards.parses) == [(1, 0.5), (2, 1.0), (4, 1.0)]
 
 
+def test_a_rule_with_references_checks_each_prompts_own_answer():
+  class Numbers:
+    def generate(self, prompts, gen):
+      return [[str(j) for j in range(gen.n)] for _ in prompts]
+  picks = best_of_n.best_of_n(Numbers(), ['1 + 1?', '1 + 2?'], 4,
+                              rewards.make_scorer('rule:exact_match'), Generation(max_tokens=2),
+                              references=['2', '3'])
+  assert [p.best for p in picks] == ['2', '3'] and [p.reference for p in picks] == ['2', '3']
+  assert best_of_n.curve(picks, rewards.exact_match) == [(1, 0.0), (2, 0.0), (4, 1.0)]
+  with pytest.raises(ValueError, match='exact_match needs the prompt'):
+    rewards.exact_match('1 + 1?', '2')
+
+
 def test_a_rule_that_raises_or_hangs_fails_only_its_sample():
   def flaky(prompt, completion):
     if 'oops' in completion:
