@@ -89,3 +89,15 @@ class AlignObjective(Objective):
     from train.align_config import AlignConfig
     self.align = align or AlignConfig.from_config(cfg)
     self.needs_reference = self.wants_reference(self.align)
+
+
+class RLObjective(AlignObjective):
+  """An objective trained on the policy's own samples (train/rl/, data.source='rollouts'): a
+  reference model when the KL to it is penalised. `per_token_advantages`: the rollout stage
+  computes GAE per token (PPO) instead of one group-relative advantage per sample."""
+  data_source = 'rollouts'
+  per_token_advantages = False
+
+  @classmethod
+  def wants_reference(cls, align) -> bool:
+    return align.kl_coef > 0

@@ -29,16 +29,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from train.align_config import RL_LOSSES, AlignConfig
-from train.objectives.base import AlignObjective, register
+from train.objectives.base import RLObjective, register
 from train.objectives.logprobs import token_logps
 
 RL_FIELDS = ('tokens', 'loss_mask', 'old_logps', 'advantages')
 
 
-def clipped_surrogate(logp_BT, old_BT, adv_B, eps_low: float, eps_high: float):
-  """(-min(ρA, clip(ρ)A) [B, T], clipped indicator [B, T], ρ [B, T])."""
+def clipped_surrogate(logp_BT, old_BT, adv, eps_low: float, eps_high: float):
+  """(-min(ρA, clip(ρ)A) [B, T], clipped indicator [B, T], ρ [B, T]); advantages per sample
+  [B] (GRPO) or per token [B, T] (PPO)."""
   ratio_BT = jnp.exp(logp_BT - old_BT)
-  adv_BT = adv_B[:, None]
+  adv_BT = adv[:, None] if adv.ndim == 1 else adv
   unclipped, clipped = ratio_BT * adv_BT, jnp.clip(ratio_BT, 1 - eps_low, 1 + eps_high) * adv_BT
   was_clipped = ((ratio_BT < 1 - eps_low) & (adv_BT < 0)) | ((ratio_BT > 1 + eps_high) & (adv_BT > 0))
   return -jnp.minimum(unclipped, clipped), was_clipped.astype(jnp.float32), ratio_BT
@@ -63,14 +64,9 @@ def reduce(per_token_BT, mask_BT, a: AlignConfig):
 
 
 @register('grpo')
-class GroupRelativePolicy(AlignObjective):
+class GroupRelativePolicy(RLObjective):
   fields = RL_FIELDS
-  data_source = 'rollouts'
   row_fields = ('advantages',)
-
-  @classmethod
-  def wants_reference(cls, align) -> bool:
-    return align.kl_coef > 0
 
   def loss(self, forward, batch):
     a = self.align

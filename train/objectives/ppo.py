@@ -25,21 +25,17 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from train.objectives.base import AlignObjective, register
+from train.objectives.base import RLObjective, register
+from train.objectives.grpo import clipped_surrogate
 from train.objectives.logprobs import token_logps
 
 PPO_FIELDS = ('tokens', 'loss_mask', 'old_logps', 'old_values', 'advantages', 'returns')
 
 
 @register('ppo')
-class ProximalPolicy(AlignObjective):
+class ProximalPolicy(RLObjective):
   fields = PPO_FIELDS
-  data_source = 'rollouts'
   per_token_advantages = True
-
-  @classmethod
-  def wants_reference(cls, align) -> bool:
-    return align.kl_coef > 0
 
   def loss(self, forward, batch):
     a = self.align
@@ -49,11 +45,10 @@ class ProximalPolicy(AlignObjective):
     x_BTD = forward.hidden(tokens[:, :-1])
     logp_BT, entropy_BT = token_logps(forward.logits(x_BTD) / a.temperature, tokens[:, 1:], mask)
     values_BT = forward.score(x_BTD, 'value')
-    adv_BT, old_BT = batch['advantages'], batch['old_logps']
-    ratio_BT = jnp.exp(logp_BT - old_BT)
-    eps_high = a.clip_eps_high or a.clip_eps
-    pg1, pg2 = -adv_BT * ratio_BT, -adv_BT * jnp.clip(ratio_BT, 1 - a.clip_eps, 1 + eps_high)
-    policy_loss = mean(jnp.maximum(pg1, pg2))
+    old_BT = batch['old_logps']
+    surrogate_BT, clipped_BT, _ = clipped_surrogate(logp_BT, old_BT, batch['advantages'],
+                                                    a.clip_eps, a.clip_eps_high or a.clip_eps)
+    policy_loss = mean(surrogate_BT)
     old_v, ret = batch['old_values'], batch['returns']
     v_clipped = old_v + jnp.clip(values_BT - old_v, -a.vf_clip, a.vf_clip)
     vf1, vf2 = (values_BT - ret) ** 2, (v_clipped - ret) ** 2
@@ -61,7 +56,7 @@ class ProximalPolicy(AlignObjective):
     loss = policy_loss + a.vf_coef * value_loss
     return loss, dict(
         loss=loss, weight=jnp.asarray(tokens.shape[0], jnp.float32), policy_loss=policy_loss,
-        value_loss=value_loss, clip_fraction=mean((pg2 > pg1).astype(jnp.float32)),
+        value_loss=value_loss, clip_fraction=mean(clipped_BT),
         value_clip_fraction=mean((vf2 > vf1).astype(jnp.float32)), entropy=mean(entropy_BT),
         approx_kl=0.5 * mean((logp_BT - old_BT) ** 2),
         completion_length=jnp.mean(jnp.sum(mask, 1)))
