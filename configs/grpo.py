@@ -24,7 +24,7 @@ def get_config(workdir: str = ''):
   # 8 prompts x 8 samples per step; DeepSeekMath's KL weight; answers are a few tokens.
   cfg.align.update(reward='rule:exact_match', group_size=8, temperature=1.0, advantage='group',
                    kl_coef=0.04, max_completion_len=8, rl_loss='grpo')
-  cfg.train.update(objective='grpo', z_loss=0.0, steps=300, batch_size=64, lr=2e-5,
+  cfg.train.update(objective='grpo', z_loss=0.0, steps=300, batch_size=64, lr=5e-5,
                    warmup_steps=10, lr_end_fraction=1.0, weight_decay=0.0, eval_every=50,
                    checkpoint_every=50, eval_batches=0, eval_tasks='arithmetic_sft',
                    eval_tasks_limit=0, log_every=10)
