@@ -3,14 +3,15 @@ an SFT run, on its own samples (train/rl/): the bundled arithmetic task by defau
 exact match of the answer, with held-out accuracy (the `arithmetic_sft` task) evaluated along.
 
   python -m launch.main --config=configs/sft.py:runs/tiny --workdir=runs/arith_sft \
-      --config.data.sft_task=arithmetic --config.data.seq_len=128 --config.train.steps=300 \
-      --config.train.eval_tasks=arithmetic_sft
+      --config.data.sft_task=arithmetic --config.data.seq_len=128 --config.train.steps=600 \
+      --config.train.lr_end_fraction=1 --config.train.eval_tasks=arithmetic_sft
   python -m launch.main --config=configs/grpo.py:runs/arith_sft --workdir=runs/arith_grpo
   --config.align.advantage=rloo | center      RLOO / Dr. GRPO advantages
   --config.align.kl_coef=0                    no reference model (DAPO, Dr. GRPO)
   --config.align.reward=reward:runs/tiny_rm   a reward model; judge:WORKDIR for RLAIF
   --config.data.sft_task=stdlib_functions --config.align.reward=rule:parses \
-      --config.data.seq_len=256 --config.align.max_completion_len=128   the code task
+      --config.data.seq_len=192 --config.align.max_completion_len=128   the code task (beware:
+      a body of `return x` parses, and GRPO finds it within 50 steps; see the README)
 
 Prompts: train/rl/rollouts.py. config.align: train/align_config.py. configs/ppo.py is PPO.
 """

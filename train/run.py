@@ -229,10 +229,11 @@ def build(cfg, workdir: str, log=print) -> Run:
   if objective.data_source == 'rollouts':
     from model.inference.serve_config import ServeConfig
     from train.rl.policy import Policy
+    per_token = objective.per_token_advantages   # PPO: KL-shaped rewards and values now.
     policy = Policy(spec.graphdef, model_cfg, ServeConfig.from_dict(cfg.get('serve') or {}),
                     data.tokenizer, mesh=mesh, rules=rules, temperature=objective.align.temperature,
-                    ref_params=ref_params, use_reference=objective.needs_reference,
-                    values=getattr(objective, 'per_token_advantages', False), namespace=workdir)
+                    ref_params=ref_params, use_reference=objective.needs_reference and per_token,
+                    values=per_token, namespace=workdir)
   return Run(cfg, workdir, model_cfg, mesh, rules, pipe, objective, spec, ckpt, data, state, total,
              lambda state, batch: train_step(state, batch, ref_params),
              lambda params, batch: eval_step(params, batch, None, ref_params),
