@@ -75,8 +75,12 @@ def filter_logits(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.A
   # Plain temperature sampling (RL rollouts) skips the sort over the vocabulary, which on
   # XLA:CPU costs more than the rest of a small model's decode step.
   truncating = jnp.any((top_k_B > 0) | (top_p_B < 1.0) | (min_p_B > 0))
-  return jax.lax.cond(truncating, _truncate, lambda x, *_: x, logits_BV, top_k_B, top_p_B,
-                      min_p_B)
+  return jax.lax.cond(truncating, _truncate, _untruncated, logits_BV, top_k_B, top_p_B, min_p_B)
+
+
+def _untruncated(logits_BV, *_):
+  """Module-level, so eager calls hit lax.cond's cache (a new lambda each call would not)."""
+  return logits_BV
 
 
 def _truncate(logits_BV, top_k_B, top_p_B, min_p_B):

@@ -218,7 +218,8 @@ def _config_modules():
   mods = [os.path.relpath(f, ROOT)[:-3].replace(os.sep, '.') for f in files]
   # finetune, sft, sft_lora, reward and dpo take a source workdir (tested below).
   return [m for m in mods if m.rsplit('.', 1)[1] not in ('__init__', 'base', 'finetune', 'sft',
-                                                          'sft_lora', 'reward', 'dpo')]
+                                                          'sft_lora', 'reward', 'dpo', 'grpo',
+                                                          'ppo')]
 
 
 @pytest.mark.parametrize('module', _config_modules())
@@ -252,6 +253,12 @@ def test_base_and_finetune_pass(tmp_path):
     assert (aligned.data.source, aligned.train.objective) == ('preference', objective)
   assert ModelConfig.from_dict(importlib.import_module('configs.reward').get_config(
       str(tmp_path)).model.to_dict()).heads == ('reward',)
+  for name in ('grpo', 'ppo'):   # RL on the policy's own samples (train/rl/).
+    rl = importlib.import_module(f'configs.{name}').get_config(str(tmp_path))
+    cs.validate(rl)
+    cs.validate(json.loads(rl.to_json()))
+    assert (rl.data.source, rl.train.objective) == ('rollouts', name)
+    assert rl.train.batch_size % rl.align.group_size == 0
 
 
 def test_alignment_objectives_name_what_they_need(tmp_path):
