@@ -18,8 +18,10 @@ def get_config(workdir: str = ''):
   cfg = finetune.get_config(workdir)
   cfg.model.heads = ('reward',)
   cfg.data.update(source='preference', pref_task='stdlib_preferences')
-  cfg.train.update(objective='reward', z_loss=0.0, steps=150, batch_size=16, lr=3e-4,
-                   warmup_steps=10, lr_end_fraction=0.0, weight_decay=0.0, eval_every=50,
-                   checkpoint_every=50, eval_batches=0)
+  # 400 steps decaying to a tenth: 0.940 validation / 0.921 test pairwise accuracy on the
+  # bundled pairs (README); 150 steps stop at 0.88.
+  cfg.train.update(objective='reward', z_loss=0.0, steps=400, batch_size=16, lr=3e-4,
+                   warmup_steps=10, lr_end_fraction=0.1, weight_decay=0.0, eval_every=100,
+                   checkpoint_every=100, eval_batches=0)
   cfg.sample.update(num_samples=0)   # A reward model scores; it does not sample.
   return cfg

@@ -319,3 +319,15 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   mesh, rules = _ACTIVE[-1]
   spec = logical_to_spec(names, rules, x.shape, mesh)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def to_host(tree):
+  """`jax.device_get`, also for arrays spanning other processes' devices (a multi-host run's
+  engine step or scoring forward): those are all-gathered, so every process must call this in
+  the same order, as SPMD code does anyway."""
+  def one(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return jax.device_get(a)
+  return jax.tree.map(one, tree)

@@ -5,7 +5,9 @@ interface for best-of-N, rejection sampling and RL.
     score = make_scorer('reward:runs/tiny_rm')   # or 'rule:parses', 'judge:runs/j', 'logprob'
     scores, failures = score(prompts, completions)   # floats; a failed sample scores None
 
-A rule is `fn(prompt, completion) -> float` registered in RULES. A rule that raises, or runs
+A rule is `fn(prompt, completion, reference=None) -> float` registered in RULES, or any such
+function in your own code, named 'rule:my_pkg.my_rewards:fn' (TRL's reward_funcs without
+editing palmax; every process of a multi-host run imports it). A rule that raises, or runs
 past `timeout_s`, fails that sample only: it scores None and the failure is reported (the
 caller logs it), never ending the run. A rule that may hang for good belongs in a subprocess
 (train/evaluation/sandbox.py), as code execution does.
@@ -28,6 +30,23 @@ def rule(name: str):
     RULES[name] = fn
     return fn
   return add
+
+
+def find_rule(name: str) -> Callable[..., float]:
+  """RULES[name], or `fn` of 'module:fn' imported. ValueError naming `name` otherwise."""
+  if name in RULES:
+    return RULES[name]
+  module, _, attr = name.partition(':')
+  if not attr:
+    raise ValueError(f'no reward rule {name!r}; rules: {sorted(RULES)}, or MODULE:FUNCTION')
+  import importlib
+  try:
+    fn = getattr(importlib.import_module(module), attr)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f'reward rule {name!r}: cannot import it ({type(e).__name__}: {e})') from None
+  if not callable(fn):
+    raise ValueError(f'reward rule {name!r} is not a function')
+  return fn
 
 
 @rule('parses')
@@ -151,8 +170,11 @@ class JudgeScorer:
 def check_spec(spec: str) -> None:
   """ValueError naming `spec` unless it names a scorer (nothing is loaded)."""
   kind, _, arg = spec.partition(':')
-  if kind == 'rule' and arg not in RULES:
-    raise ValueError(f'{spec!r}: no reward rule {arg!r}; rules: {sorted(RULES)}')
+  if kind == 'rule':
+    try:
+      find_rule(arg)
+    except ValueError as e:
+      raise ValueError(f'{spec!r}: {e}') from None
   if kind in ('reward', 'judge') and not arg.partition(':')[0]:
     raise ValueError(f"{spec!r}: expected '{kind}:WORKDIR'")
   if kind not in ('rule', 'reward', 'judge', 'logprob') or (kind == 'logprob' and arg):
@@ -171,9 +193,10 @@ def make_scorer(spec: str, policy=None, timeout_s: float = 10.0):
       raise ValueError(f"--scorer={spec!r}: expected 'judge:WORKDIR[:RUBRIC]'")
     return JudgeScorer(workdir, rubric or 'helpfulness')
   if kind == 'rule':
-    if arg not in RULES:
-      raise ValueError(f'--scorer={spec!r}: no reward rule {arg!r}; rules: {sorted(RULES)}')
-    return RuleScorer(RULES[arg], timeout_s)
+    try:
+      return RuleScorer(find_rule(arg), timeout_s)
+    except ValueError as e:
+      raise ValueError(f'--scorer={spec!r}: {e}') from None
   if kind == 'reward':
     if not arg:
       raise ValueError(f"--scorer={spec!r}: expected 'reward:WORKDIR' (a reward model's workdir)")

@@ -370,7 +370,7 @@ class Engine:
       if seq.prefilled == len(seq.prompt):
         done.append((i, seq))
     if done:
-      out = jax.device_get(out)
+      out = sharding.to_host(out)
       for i, seq in done:
         self._emit(seq, out, i)
 
@@ -393,7 +393,7 @@ class Engine:
           self.graphdef, self.params, self.pools, self._table(rows, width), lengths, tokens,
           active, steps, self._sampling, self.counts_SV, self.prompt_mask_SV,
           np.int32(self.vocab_limit), num_top=self.num_top)
-    out = jax.device_get(out)
+    out = sharding.to_host(out)
     for seq in seqs:
       self._emit(seq, out, seq.slot)
 

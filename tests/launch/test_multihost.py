@@ -1,5 +1,7 @@
 """Multi-host training: two local processes (4 simulated CPU devices each, jax.distributed over
-loopback) follow the same loss trajectory as one process with 8 devices."""
+loopback) follow the same loss trajectory as one process with 8 devices, for pretraining and for
+RL (every process runs the rollout engine in lockstep over the global mesh)."""
+import json
 import os
 import re
 import socket
@@ -23,30 +25,61 @@ def _losses(text: str) -> list[str]:
   return re.findall(r'^step +\d+/\d+ +loss (\S+)', text, re.M) + re.findall(r'eval @ \d+: loss (\S+)', text)
 
 
-def test_two_processes_match_one_process_with_eight_devices(tmp_path):
-  cfg = _config_file(tmp_path, steps=4, eval_every=4, checkpoint_every=4, log_every=1)
-  args = [sys.executable, '-m', 'launch.main', f'--config={cfg}', '--nosample']
+def _env(devices):
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
 
-  def env(devices):
-    return dict(os.environ, JAX_PLATFORMS='cpu',
-                XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
 
-  one = subprocess.run(args + [f'--workdir={tmp_path / "one"}'], cwd=ROOT, env=env(8),
+def _one_and_two(args, tmp_path):
+  """(stdout of one process with 8 devices, [stdout of each of two processes with 4])."""
+  one = subprocess.run(args + [f'--workdir={tmp_path / "one"}'], cwd=ROOT, env=_env(8),
                        capture_output=True, text=True, timeout=300)
   assert one.returncode == 0, one.stderr[-3000:]
-
   port = _free_port()
   procs = [subprocess.Popen(args + [f'--workdir={tmp_path / "two"}',
                                     f'--coordinator_address=127.0.0.1:{port}',
                                     '--num_processes=2', f'--process_id={i}'],
-                            cwd=ROOT, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
+  return one.stdout, [out for out, _ in outs]
 
-  want = _losses(one.stdout)
+
+def test_two_processes_match_one_process_with_eight_devices(tmp_path):
+  cfg = _config_file(tmp_path, steps=4, eval_every=4, checkpoint_every=4, log_every=1)
+  one, two = _one_and_two([sys.executable, '-m', 'launch.main', f'--config={cfg}', '--nosample'],
+                          tmp_path)
+  want = _losses(one)
   assert len(want) == 4  # Steps 2-4 (step 1 only starts the clock) and the eval.
-  assert _losses(outs[0][0]) == want   # Process 0 logs; the losses agree to the printed digits.
-  assert _losses(outs[1][0]) == []     # Process 1 stays quiet.
+  assert _losses(two[0]) == want   # Process 0 logs; the losses agree to the printed digits.
+  assert _losses(two[1]) == []     # Process 1 stays quiet.
   assert os.path.isdir(tmp_path / 'two' / 'checkpoints' / '4')
+
+
+def test_grpo_on_two_processes_matches_one_process(trained_workdir, tmp_path):
+  """Same prompts, seeds and parameters everywhere: the engine's sampled tokens, the rewards and
+  the losses agree with a one-process run (the engine fetches sharded outputs with an
+  all-gather: model/sharding.to_host)."""
+  prompts = tmp_path / 'prompts.jsonl'
+  prompts.write_text(''.join(json.dumps({'prompt': f'def func_{i}(x, y={i % 4}):\n'}) + '\n'
+                             for i in range(24)))
+  overrides = [f'data.paths=("{prompts}",)', 'data.sft_task=', 'data.seq_len=24',
+               'align.reward=rule:tests.train.rl.reward_rules:spaces', 'align.group_size=4',
+               'align.max_completion_len=6', 'train.steps=4', 'train.batch_size=8', 'train.lr=3e-3',
+               'train.warmup_steps=1', 'train.log_every=1', 'train.eval_every=0',
+               'train.checkpoint_every=4', 'train.eval_tasks=', 'train.peak_flops=1e11',
+               'train.tensorboard=False', 'serve.num_slots=8', 'serve.page_size=8',
+               'serve.prefill_chunk=16', 'mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2']
+  one, two = _one_and_two([sys.executable, '-m', 'launch.main', '--nosample',
+                           f'--config=configs/grpo.py:{trained_workdir[0]}']
+                          + [f'--config.{o}' for o in overrides], tmp_path)
+
+  def rl(text):   # (loss, kl, reward) of each logged step
+    return re.findall(r'^step +\d+/\d+ +loss (\S+) +kl (\S+) +reward (\S+)', text, re.M)
+  want = rl(one)
+  assert len(want) == 3 and len({r for _, _, r in want}) > 1, one[-2000:]
+  assert rl(two[0]) == want and rl(two[1]) == []
+  assert os.path.isdir(tmp_path / 'two' / 'checkpoints' / '4')
+

@@ -74,10 +74,19 @@ def test_all_failed_means_no_pick():
 @pytest.mark.parametrize('spec,message', [
     ('rule:nope', "no reward rule 'nope'"), ('reward:', "expected 'reward:WORKDIR'"),
     ('logprob', 'needs the policy model'), ('judge:', "expected 'judge:WORKDIR"),
-    ('critic:x', "expected 'rule:NAME'")])
+    ('critic:x', "expected 'rule:NAME'"),
+    ('rule:tests.no_such_module:fn', "'tests.no_such_module:fn': cannot import it"),
+    ('rule:tests.train.rl.reward_rules:nope', "cannot import it .AttributeError")])
 def test_bad_scorer_specs_are_named(spec, message):
   with pytest.raises(ValueError, match=message):
     rewards.make_scorer(spec)
+
+
+def test_a_rule_from_your_own_module():
+  spec = 'rule:tests.train.rl.reward_rules:spaces'
+  rewards.check_spec(spec)
+  scores, failures = rewards.make_scorer(spec)(['p', 'q'], ['a b', 'ab'])
+  assert scores == [1 / 3, 0.0] and not failures
 
 
 def test_preference_pairs_are_best_over_worst_and_skip_ties():

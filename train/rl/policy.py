@@ -111,5 +111,6 @@ class Policy:
     parameters, zero off the mask."""
     out = self._score(self.params, self.ref_params, jnp.asarray(tokens_BT1, jnp.int32),
                       jnp.asarray(mask_BT, jnp.float32))
-    return {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
+    from model import sharding
+    return {k: np.asarray(v) for k, v in sharding.to_host(out).items()}
 
