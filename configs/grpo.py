@@ -9,6 +9,7 @@ exact match of the answer, with held-out accuracy (the `arithmetic_sft` task) ev
   --config.align.advantage=rloo | center      RLOO / Dr. GRPO advantages
   --config.align.kl_coef=0                    no reference model (DAPO, Dr. GRPO)
   --config.align.reward=reward:runs/tiny_rm   a reward model; judge:WORKDIR for RLAIF
+  --config.align.reward=rule:my_pkg.rewards:fn  your own fn(prompt, completion, reference)
   --config.data.sft_task=stdlib_functions --config.align.reward=rule:parses \
       --config.data.seq_len=192 --config.align.max_completion_len=128   the code task (beware:
       a body of `return x` parses, and GRPO finds it within 50 steps; see the README)
