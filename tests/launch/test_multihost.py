@@ -1,6 +1,6 @@
 """Multi-host training: two local processes (simulated CPU devices, jax.distributed over
-loopback) follow the same loss trajectory as one process with all the devices, for pretraining and for
-RL (every process runs the rollout engine in lockstep over the global mesh)."""
+loopback) follow the same loss trajectory as one process with all the devices, for pretraining
+and for RL (every process runs the rollout engine in lockstep over the global mesh)."""
 import json
 import os
 import re
