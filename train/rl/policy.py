@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model import sharding
 from train.objectives.logprobs import token_logps
 
 
@@ -111,6 +112,5 @@ class Policy:
     parameters, zero off the mask."""
     out = self._score(self.params, self.ref_params, jnp.asarray(tokens_BT1, jnp.int32),
                       jnp.asarray(mask_BT, jnp.float32))
-    from model import sharding
     return {k: np.asarray(v) for k, v in sharding.to_host(out).items()}
 
