@@ -25,6 +25,7 @@ import math
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -327,7 +328,6 @@ def to_host(tree):
   the same order, as SPMD code does anyway."""
   def one(a):
     if isinstance(a, jax.Array) and not a.is_fully_addressable:
-      from jax.experimental import multihost_utils
       return np.asarray(multihost_utils.process_allgather(a, tiled=True))
     return jax.device_get(a)
   return jax.tree.map(one, tree)

@@ -216,7 +216,7 @@ def _config_modules():
   files = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')) +
                  glob.glob(os.path.join(ROOT, 'configs', 'sweeps', '*.py')))
   mods = [os.path.relpath(f, ROOT)[:-3].replace(os.sep, '.') for f in files]
-  # finetune, sft, sft_lora, reward and dpo take a source workdir (tested below).
+  # finetune, sft, sft_lora, reward, dpo, grpo and ppo take a source workdir (tested below).
   return [m for m in mods if m.rsplit('.', 1)[1] not in ('__init__', 'base', 'finetune', 'sft',
                                                           'sft_lora', 'reward', 'dpo', 'grpo',
                                                           'ppo')]
